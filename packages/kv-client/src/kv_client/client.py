@@ -1,0 +1,251 @@
+"""The synchronous client. Thread-safe: share one per process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
+
+from kv_client import _calls
+from kv_client._calls import Call, Key, Value
+from kv_client._transport import (
+    CHANNEL_OPTIONS,
+    DEFAULT_TIMEOUT,
+    MAP_FETCH_TIMEOUT,
+    Metadata,
+    bootstrap_order,
+    no_map_error,
+    node_status,
+    routed_metadata,
+    seed_list,
+)
+from kv_client.cluster_map import ClusterMap, ClusterMapError
+from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, never_sent
+from kv_client.retry import RetryPolicy
+from kv_client.types import Location, NodeStatus, Versioned, WriteResult
+
+Out = TypeVar("Out")
+
+
+class Client:
+    """A routing client: sends each request straight to the node that owns the key.
+
+    ``addresses`` are one or more nodes to bootstrap from (``"host:port"``, a
+    comma-separated string, or a list). The cluster map is fetched on first use
+    and refreshed when a node says it is stale.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self._seeds = seed_list(addresses)
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+        self._lock = threading.Lock()
+        self._map: ClusterMap | None = None
+        self._channels: dict[str, grpc.Channel] = {}
+        self._kv: dict[str, kv_pb2_grpc.KVServiceStub] = {}
+        self._closed = False
+
+    # -- lifecycle
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+            self._kv.clear()
+
+    # -- public operations
+
+    def get(
+        self, key: Key, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> bytes | None:
+        """The value of ``key``, or None when it does not exist."""
+        return self._run(_calls.get(key), timeout, metadata)
+
+    def get_versioned(
+        self, key: Key, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Versioned | None:
+        """The value of ``key`` with its version, or None when it does not exist."""
+        return self._run(_calls.get_versioned(key), timeout, metadata)
+
+    def put(
+        self,
+        key: Key,
+        value: Value,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> int:
+        """Write ``value``; returns the key's new version."""
+        return self._run(_calls.put(key, value), timeout, metadata)
+
+    def put_if_version(
+        self,
+        key: Key,
+        value: Value,
+        version: int,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> WriteResult:
+        """Write only if the key's current version is ``version`` (compare-and-swap)."""
+        return self._run(_calls.put_if_version(key, value, version), timeout, metadata)
+
+    def put_if_absent(
+        self,
+        key: Key,
+        value: Value,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> WriteResult:
+        """Write only if the key does not exist."""
+        return self._run(_calls.put_if_version(key, value, 0), timeout, metadata)
+
+    def delete(
+        self, key: Key, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> bool:
+        """Delete ``key``; returns whether it existed."""
+        return self._run(_calls.delete(key), timeout, metadata)
+
+    def delete_if_version(
+        self,
+        key: Key,
+        version: int,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> WriteResult:
+        """Delete only if the key's current version is ``version``."""
+        return self._run(_calls.delete_if_version(key, version), timeout, metadata)
+
+    def cluster_map(self, *, refresh: bool = False, timeout: float | None = None) -> ClusterMap:
+        """The cluster map this client routes by (fetched now if ``refresh``)."""
+        deadline = time.monotonic() + (timeout or self._timeout)
+        with self._lock:
+            current = self._map
+        if current is None or refresh:
+            return self._refresh(deadline)
+        return current
+
+    def locate(self, key: Key, *, timeout: float | None = None) -> Location:
+        """Which partition and node own ``key``, by the current map."""
+        raw = _calls.encode_key(key)
+        cluster_map = self.cluster_map(timeout=timeout)
+        partition = cluster_map.placement.partition_of(raw)
+        replicas = cluster_map.placement.replicas(partition)
+        return Location(raw, partition, replicas[0], cluster_map.address_of(replicas[0]), replicas)
+
+    def node_status(self, address: str, *, timeout: float | None = None) -> NodeStatus:
+        """Status of the node at ``address`` (no routing)."""
+        stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(address))
+        try:
+            response = stub.GetNodeStatus(
+                cluster_pb2.GetNodeStatusRequest(), timeout=timeout or self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return node_status(response)
+
+    # -- machinery
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise KvError("the client is closed")
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self._channels[address] = channel
+            return channel
+
+    def _stub(self, address: str) -> kv_pb2_grpc.KVServiceStub:
+        stub = self._kv.get(address)
+        if stub is None:
+            stub = self._kv[address] = kv_pb2_grpc.KVServiceStub(self._channel(address))
+        return stub
+
+    def _refresh(self, deadline: float) -> ClusterMap:
+        with self._lock:
+            current = self._map
+        tried: list[str] = []
+        errors: list[str] = []
+        for address in bootstrap_order(self._seeds, current):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            tried.append(address)
+            stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(address))
+            try:
+                response = stub.GetClusterMap(
+                    cluster_pb2.GetClusterMapRequest(),
+                    timeout=min(remaining, MAP_FETCH_TIMEOUT),
+                )
+                fresh = ClusterMap.from_proto(response.cluster_map)
+            except grpc.RpcError as exc:
+                errors.append(f"{address}: {error_from_rpc(exc).message}")
+                continue
+            except ClusterMapError as exc:
+                errors.append(f"{address}: {exc}")
+                continue
+            with self._lock:
+                if self._map is None or fresh.epoch >= self._map.epoch:
+                    self._map = fresh
+                return self._map
+        raise no_map_error(tried, errors)
+
+    def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:
+        budget = self._timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        cluster_map = self.cluster_map(timeout=budget)
+        attempt = 0
+        while True:
+            node_id, address = cluster_map.owner_of(call.key)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"deadline of {budget}s passed before {call.method}")
+            method: Any = getattr(self._stub(address), call.method)
+            try:
+                response = method(
+                    call.request,
+                    timeout=remaining,
+                    metadata=routed_metadata(cluster_map, metadata),
+                )
+                return call.decode(response)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc)
+                error.message = f"{call.method} via node {node_id!r} at {address}: {error.message}"
+                error.args = (error.message,)
+                retry = self._retry.should_retry(
+                    error, attempt=attempt, safety=call.safety, never_sent=never_sent(exc)
+                )
+                pause = self._retry.backoff(attempt)
+                if not retry or time.monotonic() + pause >= deadline:
+                    raise error from None
+            if error.invalid_metadata:
+                cluster_map = self._refresh(deadline)
+            time.sleep(pause)
+            attempt += 1

@@ -1,0 +1,54 @@
+"""When the SDK tries a call again, as pure decisions the client loops follow.
+
+Which calls are retried:
+- reads, and conditional writes (put_if_version, put_if_absent,
+  delete_if_version), on any retriable error: UNAVAILABLE and a stale cluster
+  map. A conditional write that did apply before its answer was lost reports
+  ``succeeded=False`` on the retry with the version it wrote itself; the docs
+  show how to recognise that;
+- unconditional writes (put, delete) only when the request provably never ran:
+  the node said the map is stale (it refused without applying), or gRPC could
+  not connect at all. After any other failure the outcome is unknown and the
+  error goes to the caller.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kv_client.errors import KvError
+
+
+class Safety(enum.Enum):
+    """How safe a call is to send twice."""
+
+    IDEMPOTENT = "idempotent"
+    CONDITIONAL = "conditional"
+    UNCONDITIONAL = "unconditional"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds on retrying one call. The call's deadline bounds it as well."""
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        return float(min(self.max_backoff, self.initial_backoff * self.multiplier**attempt))
+
+    def should_retry(
+        self, error: KvError, *, attempt: int, safety: Safety, never_sent: bool
+    ) -> bool:
+        if attempt + 1 >= self.max_attempts or not error.retriable:
+            return False
+        if safety is Safety.UNCONDITIONAL:
+            return error.invalid_metadata or never_sent
+        return True
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)

@@ -1,0 +1,5 @@
+import sys
+
+from kv_node.main import main
+
+sys.exit(main())

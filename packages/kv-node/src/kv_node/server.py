@@ -1,0 +1,119 @@
+"""Run a node: open the store, serve gRPC, drain and close on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+
+from kv_node.config import ConfigError, NodeConfig, parse_address
+from kv_node.servicer import ClusterServicer, KVServicer, Node
+from kv_node.store import Store
+
+SERVICE_NAMES = (
+    kv_pb2.DESCRIPTOR.services_by_name["KVService"].full_name,
+    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
+)
+
+
+def server_options(config: NodeConfig) -> list[tuple[str, int]]:
+    return [
+        # A node's port is its identity: with the default (1) a second server
+        # binds the same port silently and steals half the connections.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+
+
+class NodeServer:
+    """A started node. ``start`` binds everything or raises ConfigError; ``stop`` drains."""
+
+    def __init__(self, config: NodeConfig, store: Store) -> None:
+        self.config = config
+        self.node = Node(config, store)
+        self.server = grpc.aio.server(options=server_options(config))
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> None:
+        kv_pb2_grpc.add_KVServiceServicer_to_server(KVServicer(self.node), self.server)
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
+            ClusterServicer(self.node), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        try:
+            self.port = self.server.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.config.listen}: the port is in use or the address "
+                "is not local"
+            ) from exc
+        if self.config.metrics_listen is not None:
+            metrics_host, metrics_port = parse_address(
+                self.config.metrics_listen, what="metrics address"
+            )
+            try:
+                self.node.metrics.serve(metrics_host, metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror}"
+                ) from exc
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Refuse new requests, let in-flight ones finish, then close the store."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.config.drain_seconds)
+        await self.node.committer.drain()
+        await self.node.peers.close()
+        self.node.store.close()
+
+
+def describe(config: NodeConfig, store: Store) -> str:
+    owned = len(config.cluster.placement.owned_partitions(config.node_id))
+    where = f" in {config.data_dir}" if config.data_dir else ""
+    lines = [
+        f"kv-node {config.node_id} listening on {config.listen} (advertised {config.advertise})",
+        f"  store: {store.engine}{where}, {store.count()} keys, revision {store.revision}",
+        f"  cluster: {len(config.cluster.members)} nodes, {config.cluster.partitions} partitions, "
+        f"{owned} owned here",
+    ]
+    if config.metrics_listen:
+        lines.append(f"  metrics: http://{config.metrics_listen}/metrics")
+    return "\n".join(lines)
+
+
+async def serve(
+    config: NodeConfig, store: Store, *, ready: Callable[[], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and close."""
+    node_server = NodeServer(config, store)
+    try:
+        await node_server.start()
+    except BaseException:
+        store.close()
+        raise
+    print(describe(config, store), flush=True)
+    if ready is not None:
+        ready()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    print(f"kv-node {config.node_id} stopping: draining in-flight requests", file=sys.stderr)
+    await node_server.stop()
+    print(f"kv-node {config.node_id} stopped", file=sys.stderr, flush=True)

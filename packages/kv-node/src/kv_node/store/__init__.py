@@ -1,0 +1,82 @@
+"""Storage engines behind one small interface.
+
+Every engine stores key -> (value, version) where a version is the store-wide
+revision of the write that produced the value. Revisions only grow, so a key
+that is deleted and written again never reuses a version, and compare-and-swap
+on versions has no ABA problem.
+
+Writes arrive in batches (``Store.write``) that the engine applies atomically
+and, for a durable engine, makes durable before returning. The node's group
+committer gathers concurrent writes into one batch, so one fsync serves many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class PutOp:
+    key: bytes
+    value: bytes
+    if_version: int | None = None
+    """Write only if the current version equals this; 0 means the key must be absent."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    key: bytes
+    if_version: int | None = None
+
+
+WriteOp = PutOp | DeleteOp
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    succeeded: bool
+    """False only when the op's condition did not hold."""
+    found: bool
+    """Whether the key existed before the op."""
+    version: int
+    """The revision written (puts, and deletes of a present key) or the current version."""
+
+
+class StoreError(Exception):
+    """The engine cannot open or use its data; the message is meant for an operator."""
+
+
+class Store(Protocol):
+    engine: str
+    durable: bool
+
+    def get(self, key: bytes) -> tuple[bytes, int] | None:
+        """The value and version of ``key``, or None when absent."""
+        ...
+
+    def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Apply ops in order as one atomic (and, if durable, synced) transaction."""
+        ...
+
+    def count(self) -> int: ...
+
+    @property
+    def revision(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def decide(op: WriteOp, current_version: int | None, next_revision: int) -> WriteResult:
+    """The outcome of one write given the key's current version (None = absent).
+
+    Shared by every engine so that conditional-write semantics exist once.
+    """
+    found = current_version is not None
+    current = current_version or 0
+    if op.if_version is not None and op.if_version != current:
+        return WriteResult(succeeded=False, found=found, version=current)
+    if isinstance(op, DeleteOp) and not found:
+        return WriteResult(succeeded=True, found=False, version=0)
+    return WriteResult(succeeded=True, found=found, version=next_revision)
