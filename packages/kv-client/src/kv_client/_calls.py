@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from kv.v1 import kv_pb2
-
 from kv_client.errors import InvalidArgumentError
 from kv_client.limits import MAX_KEY_BYTES
 from kv_client.retry import Safety

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kv.v1 import cluster_pb2
-
 from kv_client.cluster_map import ClusterMap
 from kv_client.errors import InvalidArgumentError, KvError, UnavailableError
 from kv_client.protocol import EPOCH_METADATA

@@ -13,8 +13,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 
+from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
 from kv_client import _calls
 from kv_client._calls import Call, Key, Value
 from kv_client._transport import (

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kv.v1 import cluster_pb2
-
 from kv_client.placement import Placement, PlacementError
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from kv_client.limits import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_OPS, DEFAULT_MAX_VALUE_BYTES
 from kv_client.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES
-
 from kv_node.config import (
     DEFAULT_DRAIN_SECONDS,
     DEFAULT_FORWARD_TIMEOUT,
+    ENGINES,
     ConfigError,
     NodeConfig,
     build_config,
 )
-from kv_node.data_dir import ENGINES, open_store
+from kv_node.data_dir import open_store
 from kv_node.server import serve
 from kv_node.store import StoreError
 from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
         help="every member as id=host:port,id=host:port (default: a cluster of this node only)",
     )
     p.add_argument("--data-dir", type=Path, help="where the store and the node identity live")
-    p.add_argument("--engine", choices=ENGINES, default="lmdb", help="storage engine")
+    p.add_argument("--engine", default="lmdb", help=f"storage engine: {' or '.join(ENGINES)}")
     p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (default: off)")
     p.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES)
     p.add_argument("--max-batch-ops", type=int, default=DEFAULT_MAX_BATCH_OPS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from kv.v1 import kv_pb2_grpc
 
 RECONNECT_OPTIONS: list[tuple[str, int]] = [

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 
+from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kv_node.config import ConfigError, NodeConfig, parse_address
 from kv_node.servicer import ClusterServicer, KVServicer, Node
 from kv_node.store import Store
@@ -32,17 +33,28 @@ def server_options(config: NodeConfig) -> list[tuple[str, int]]:
     ]
 
 
+def check_bindable(listen: str) -> None:
+    """Fail with the OS's reason before gRPC tries, which only logs a C++ error line."""
+    host, port = parse_address(listen, what="listen address")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+
+
 class NodeServer:
     """A started node. ``start`` binds everything or raises ConfigError; ``stop`` drains."""
 
     def __init__(self, config: NodeConfig, store: Store) -> None:
         self.config = config
         self.node = Node(config, store)
-        self.server = grpc.aio.server(options=server_options(config))
-        self.health = health.aio.HealthServicer()
         self.port = 0
 
     async def start(self) -> None:
+        # Created here, not in __init__: aio objects belong to the running loop.
+        self.server = grpc.aio.server(options=server_options(self.config))
+        self.health = health.aio.HealthServicer()
         kv_pb2_grpc.add_KVServiceServicer_to_server(KVServicer(self.node), self.server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
             ClusterServicer(self.node), self.server
@@ -51,6 +63,7 @@ class NodeServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        check_bindable(self.config.listen)
         try:
             self.port = self.server.add_insecure_port(self.config.listen)
         except RuntimeError as exc:

@@ -1,0 +1,144 @@
+"""The SDK against real in-process nodes: routing, errors, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from conftest import InProcessCluster
+from kv_client import (
+    AsyncClient,
+    Client,
+    ClusterMap,
+    InvalidArgumentError,
+    TooLargeError,
+    UnavailableError,
+    Versioned,
+    WriteResult,
+)
+
+
+def test_requests_go_straight_to_the_owner(cluster: InProcessCluster) -> None:
+    with Client(cluster.addresses["a"]) as kv:
+        for i in range(150):
+            kv.put(f"key-{i}", f"value-{i}")
+        for i in range(150):
+            assert kv.get(f"key-{i}") == f"value-{i}".encode()
+    for server in cluster.servers.values():
+        assert server.node.requests_forwarded == 0
+    for i in range(150):
+        key = f"key-{i}".encode()
+        assert cluster.servers[cluster.owner(key)].node.store.get(key) is not None
+
+
+def test_surface(cluster: InProcessCluster) -> None:
+    with Client([cluster.addresses["b"]]) as kv:
+        assert kv.get("missing") is None and kv.get_versioned("missing") is None
+        version = kv.put(b"bin\x00key", b"\x00\xff")
+        assert kv.get_versioned(b"bin\x00key") == Versioned(b"\x00\xff", version)
+        assert kv.put_if_absent("x", "1") == WriteResult(True, kv.get_versioned("x").version)  # type: ignore[union-attr]
+        current = kv.get_versioned("x")
+        assert current is not None
+        assert kv.put_if_absent("x", "2") == WriteResult(False, current.version)
+        swapped = kv.put_if_version("x", "3", current.version)
+        assert swapped.succeeded and kv.get("x") == b"3"
+        assert not kv.delete_if_version("x", current.version).succeeded
+        assert kv.delete_if_version("x", swapped.version).succeeded
+        assert kv.delete("x") is False
+        kv.put("y", "1", timeout=2.0, metadata=[("x-request-id", "abc")])
+        assert kv.delete("y") is True
+        location = kv.locate("y")
+        assert location.node_id == cluster.owner(b"y")
+        assert location.address == cluster.addresses[location.node_id]
+        assert [m.node_id for m in kv.cluster_map().members] == ["a", "b", "c"]
+        assert kv.node_status(cluster.addresses["c"]).node_id == "c"
+
+
+def test_bad_input_is_refused_before_the_network(cluster: InProcessCluster) -> None:
+    with Client(cluster.addresses["a"]) as kv:
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            kv.put("", "v")
+        with pytest.raises(InvalidArgumentError, match="4096"):
+            kv.get("k" * 4097)
+        with pytest.raises(InvalidArgumentError, match="str or bytes"):
+            kv.put(3, "v")  # type: ignore[arg-type]
+        with pytest.raises(TooLargeError, match="the limit is 1024 bytes") as info:
+            kv.put("k", "v" * 2000)
+        assert not info.value.retriable
+
+
+def test_a_stale_map_is_refreshed_transparently(cluster: InProcessCluster) -> None:
+    with Client(cluster.addresses["a"]) as kv:
+        real = kv.cluster_map()
+        # Pretend the client knew an older placement: most keys now route wrongly.
+        kv._map = ClusterMap.build(
+            epoch=0,
+            members=real.members,
+            partitions=real.partitions,
+            replication_factor=1,
+            vnodes=real.vnodes + 1,
+        )
+        for i in range(50):
+            kv.put(f"moved-{i}", "v")
+        assert kv.cluster_map().epoch == real.epoch
+        for i in range(50):
+            assert kv.get(f"moved-{i}") == b"v"
+    refused = sum(
+        s.node.metrics.registry.get_sample_value(
+            "kv_requests_total", {"method": "Put", "outcome": "FAILED_PRECONDITION"}
+        )
+        or 0
+        for s in cluster.servers.values()
+    )
+    assert refused >= 1, "some puts must have reached a wrong node and been refused"
+    assert all(s.node.requests_forwarded == 0 for s in cluster.servers.values())
+
+
+def test_down_owner_gives_unavailable_and_others_keep_working(
+    cluster_with_c_down: InProcessCluster,
+) -> None:
+    cluster = cluster_with_c_down
+    on_c, on_b = cluster.key_owned_by("c"), cluster.key_owned_by("b")
+    with Client(cluster.addresses["a"], timeout=3.0) as kv:
+        with pytest.raises(UnavailableError, match="node 'c'") as info:
+            kv.get(on_c)
+        assert info.value.retriable
+        with pytest.raises(UnavailableError):
+            kv.put(on_c, "v")
+        kv.put(on_b, "v")
+        assert kv.get(on_b) == b"v"
+
+
+def test_bootstrap_skips_dead_seeds(cluster: InProcessCluster) -> None:
+    with Client(["127.0.0.1:1", cluster.addresses["c"]]) as kv:
+        kv.put("k", "v")
+    with (
+        Client("127.0.0.1:1", timeout=1.0) as kv,
+        pytest.raises(UnavailableError, match="no node answered"),
+    ):
+        kv.get("k")
+
+
+def test_async_client(cluster: InProcessCluster) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(cluster.addresses["b"]) as kv:
+            versions = await asyncio.gather(*(kv.put(f"a-{i}", str(i)) for i in range(100)))
+            assert all(v > 0 for v in versions)
+            values = await asyncio.gather(*(kv.get(f"a-{i}") for i in range(100)))
+            assert values == [str(i).encode() for i in range(100)]
+            created = await kv.put_if_absent("cas", "1")
+            assert created.succeeded
+            assert not (await kv.put_if_absent("cas", "2")).succeeded
+            assert (await kv.put_if_version("cas", "3", created.version)).succeeded
+            assert await kv.delete("cas") is True
+            assert (await kv.get_versioned("cas")) is None
+            assert (await kv.locate("cas")).node_id == cluster.owner(b"cas")
+
+    asyncio.run(scenario())
+    assert all(s.node.requests_forwarded == 0 for s in cluster.servers.values())
+
+
+def test_results_are_plain_dataclasses() -> None:
+    assert dataclasses.is_dataclass(WriteResult) and dataclasses.is_dataclass(Versioned)
