@@ -142,3 +142,58 @@ def test_async_client(cluster: InProcessCluster) -> None:
 
 def test_results_are_plain_dataclasses() -> None:
     assert dataclasses.is_dataclass(WriteResult) and dataclasses.is_dataclass(Versioned)
+
+
+def test_batch_api_groups_by_owner(cluster: InProcessCluster) -> None:
+    from kv_client import batch
+
+    with Client(cluster.addresses["a"], max_batch_ops=7) as kv:
+        versions = kv.put_many({f"many-{i}": f"v{i}" for i in range(40)})
+        assert len(versions) == 40
+        assert all(v > 0 for v in versions)
+        values = kv.get_many([f"many-{i}" for i in range(40)] + ["absent"])
+        assert values == [f"v{i}".encode() for i in range(40)] + [None]
+        current = kv.get_versioned("many-0")
+        assert current is not None
+        results = kv.batch(
+            [
+                batch.Put("many-0", "new", if_version=current.version),
+                batch.Put("many-1", "x", if_version=0),
+                batch.Delete("many-2"),
+                batch.Get("many-2"),
+                batch.Get("many-0"),
+            ]
+        )
+        assert isinstance(results[0], WriteResult)
+        assert results[0].succeeded
+        assert isinstance(results[1], WriteResult)
+        assert not results[1].succeeded
+        assert isinstance(results[2], WriteResult)
+        assert results[2].succeeded
+        assert results[3] is None
+        assert isinstance(results[4], Versioned)
+        assert results[4].value == b"new"
+    assert all(s.node.requests_forwarded == 0 for s in cluster.servers.values())
+
+
+def test_batch_reports_per_operation_errors(cluster_with_c_down: InProcessCluster) -> None:
+    from kv_client import batch
+
+    cluster = cluster_with_c_down
+    on_b, on_c = cluster.key_owned_by("b"), cluster.key_owned_by("c")
+    with Client(cluster.addresses["a"], timeout=3.0) as kv:
+        results = kv.batch([batch.Put(on_b, "1"), batch.Put(on_c, "2")])
+        assert isinstance(results[0], WriteResult)
+        assert isinstance(results[1], UnavailableError)
+        with pytest.raises(UnavailableError):
+            kv.get_many([on_b, on_c])
+
+
+def test_async_batch_api(cluster: InProcessCluster) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(cluster.addresses["c"], max_batch_ops=5) as kv:
+            await kv.put_many([(f"am-{i}", str(i)) for i in range(23)])
+            values = await kv.get_many([f"am-{i}" for i in range(23)])
+            assert values == [str(i).encode() for i in range(23)]
+
+    asyncio.run(scenario())

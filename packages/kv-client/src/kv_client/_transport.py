@@ -41,7 +41,9 @@ def bootstrap_order(seeds: tuple[str, ...], current: ClusterMap | None) -> list[
     return list(dict.fromkeys([*known, *seeds]))
 
 
-def routed_metadata(cluster_map: ClusterMap, metadata: Metadata | None) -> Metadata:
+def routed_metadata(
+    cluster_map: ClusterMap, metadata: Metadata | None
+) -> tuple[tuple[str, str], ...]:
     return (*(metadata or ()), (EPOCH_METADATA, str(cluster_map.epoch)))
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
-from kv_client import _calls
+from kv_client import _calls, batch
 from kv_client._calls import Call, Key, Value
 from kv_client._transport import (
     CHANNEL_OPTIONS,
@@ -28,6 +28,7 @@ from kv_client._transport import (
     routed_metadata,
     seed_list,
 )
+from kv_client.batch import Operation, Result
 from kv_client.cluster_map import ClusterMap, ClusterMapError
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, never_sent
 from kv_client.retry import RetryPolicy
@@ -45,7 +46,9 @@ class AsyncClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
+        max_batch_ops: int = batch.DEFAULT_MAX_OPS,
     ) -> None:
+        self._max_batch_ops = max_batch_ops
         self._seeds = seed_list(addresses)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
@@ -163,6 +166,77 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return node_status(response)
+
+    async def batch(
+        self,
+        operations: Sequence[Operation],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[Result]:
+        """Run many operations, grouped per owner into parallel Batch calls.
+
+        Returns one result per operation, in order: ``Versioned | None`` for a
+        ``Get``, ``WriteResult`` for a ``Put``/``Delete``, or the ``KvError`` it
+        failed with. Not atomic as a whole; operations on one key apply in order.
+        """
+        budget = self._timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        encoded = [batch.to_proto(op) for op in operations]
+        results: list[Result] = [None] * len(encoded)
+        pending = list(range(len(encoded)))
+        for round_ in range(2):
+            cluster_map = await self.cluster_map(refresh=round_ > 0, timeout=budget)
+            chunks = batch.plan(cluster_map, encoded, pending, self._max_batch_ops)
+            remaining = max(0.001, deadline - time.monotonic())
+            md = routed_metadata(cluster_map, metadata)
+            responses = await asyncio.gather(
+                *(
+                    self._stub(c.address).Batch(c.request, timeout=remaining, metadata=md)
+                    for c in chunks
+                ),
+                return_exceptions=True,
+            )
+            for chunk, response in zip(chunks, responses, strict=True):
+                if isinstance(response, BaseException):
+                    if not isinstance(response, grpc.RpcError):
+                        raise response
+                    exc = response
+                    error = error_from_rpc(exc)
+                    for index in chunk.indexes:
+                        results[index] = error
+                    continue
+                for index, result in zip(chunk.indexes, response.results, strict=True):
+                    results[index] = batch.from_proto(result)
+            pending = [i for i in pending if batch.needs_resend(results[i])]
+            if not pending:
+                break
+        return results
+
+    async def get_many(
+        self,
+        keys: Sequence[Key],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[bytes | None]:
+        """Values of ``keys`` in order (None where missing); raises the first error."""
+        results = await self.batch([batch.Get(k) for k in keys], timeout=timeout, metadata=metadata)
+        return batch.values(results)
+
+    async def put_many(
+        self,
+        items: Mapping[Key, Value] | Sequence[tuple[Key, Value]],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[int]:
+        """Write many keys; returns their new versions in order; raises the first error."""
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        results = await self.batch(
+            [batch.Put(k, v) for k, v in pairs], timeout=timeout, metadata=metadata
+        )
+        return batch.versions(results)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self._closed:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
-from kv_client import _calls
+from kv_client import _calls, batch
 from kv_client._calls import Call, Key, Value
 from kv_client._transport import (
     CHANNEL_OPTIONS,
@@ -24,6 +24,7 @@ from kv_client._transport import (
     routed_metadata,
     seed_list,
 )
+from kv_client.batch import Operation, Result
 from kv_client.cluster_map import ClusterMap, ClusterMapError
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, never_sent
 from kv_client.retry import RetryPolicy
@@ -46,7 +47,9 @@ class Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
+        max_batch_ops: int = batch.DEFAULT_MAX_OPS,
     ) -> None:
+        self._max_batch_ops = max_batch_ops
         self._seeds = seed_list(addresses)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
@@ -169,6 +172,77 @@ class Client:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return node_status(response)
+
+    # -- many operations per call
+
+    def batch(
+        self,
+        operations: Sequence[Operation],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[Result]:
+        """Run many operations, grouped per owner into parallel Batch calls.
+
+        Returns one result per operation, in order: ``Versioned | None`` for a
+        ``Get``, ``WriteResult`` for a ``Put``/``Delete``, or the ``KvError`` it
+        failed with. Not atomic as a whole; operations on one key apply in order.
+        """
+        budget = self._timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        encoded = [batch.to_proto(op) for op in operations]
+        results: list[Result] = [None] * len(encoded)
+        pending = list(range(len(encoded)))
+        for round_ in range(2):
+            cluster_map = self.cluster_map(refresh=round_ > 0, timeout=budget)
+            calls = []
+            for chunk in batch.plan(cluster_map, encoded, pending, self._max_batch_ops):
+                remaining = max(0.001, deadline - time.monotonic())
+                future = self._stub(chunk.address).Batch.future(
+                    chunk.request,
+                    timeout=remaining,
+                    metadata=routed_metadata(cluster_map, metadata),
+                )
+                calls.append((chunk, future))
+            for chunk, future in calls:
+                try:
+                    response = future.result()
+                except grpc.RpcError as exc:
+                    error = error_from_rpc(exc)
+                    for index in chunk.indexes:
+                        results[index] = error
+                    continue
+                for index, result in zip(chunk.indexes, response.results, strict=True):
+                    results[index] = batch.from_proto(result)
+            pending = [i for i in pending if batch.needs_resend(results[i])]
+            if not pending:
+                break
+        return results
+
+    def get_many(
+        self,
+        keys: Sequence[Key],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[bytes | None]:
+        """Values of ``keys`` in order (None where missing); raises the first error."""
+        results = self.batch([batch.Get(k) for k in keys], timeout=timeout, metadata=metadata)
+        return batch.values(results)
+
+    def put_many(
+        self,
+        items: Mapping[Key, Value] | Sequence[tuple[Key, Value]],
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[int]:
+        """Write many keys; returns their new versions in order; raises the first error."""
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        results = self.batch(
+            [batch.Put(k, v) for k, v in pairs], timeout=timeout, metadata=metadata
+        )
+        return batch.versions(results)
 
     # -- machinery
 

@@ -1,0 +1,135 @@
+"""Many operations in few calls: the SDK side of ``KVService/Batch``.
+
+Operations are grouped by owning node with the client's map, cut into
+chunks of at most ``max_ops``, and each chunk goes to its owner as one call;
+the chunks run in parallel. Every operation gets its own result: a value,
+a ``WriteResult``, or the ``KvError`` it failed with (never raised here).
+Operations that a node refused because the client's map was stale are sent
+again once after a map refresh.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from kv.v1 import kv_pb2
+from kv_client._calls import Key, Value, encode, encode_key
+from kv_client.cluster_map import ClusterMap
+from kv_client.errors import KvError, error_from_status
+from kv_client.types import Versioned, WriteResult
+
+DEFAULT_MAX_OPS = 1000
+"""Operations per Batch call; matches the node's default --max-batch-ops."""
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: Key
+    value: Value
+    if_version: int | None = None
+    """Write only at this version; 0 means only if absent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: Key
+    if_version: int | None = None
+
+
+Operation = Get | Put | Delete
+Result = Versioned | None | WriteResult | KvError
+
+
+def to_proto(op: Operation) -> tuple[bytes, kv_pb2.Operation]:
+    key = encode_key(op.key)
+    if isinstance(op, Get):
+        return key, kv_pb2.Operation(get=kv_pb2.GetRequest(key=key))
+    if isinstance(op, Put):
+        put = kv_pb2.PutRequest(key=key, value=encode(op.value, "value"))
+        if op.if_version is not None:
+            put.if_version = op.if_version
+        return key, kv_pb2.Operation(put=put)
+    delete = kv_pb2.DeleteRequest(key=key)
+    if op.if_version is not None:
+        delete.if_version = op.if_version
+    return key, kv_pb2.Operation(delete=delete)
+
+
+def from_proto(result: kv_pb2.OperationResult) -> Result:
+    kind = result.WhichOneof("result")
+    if kind == "get":
+        got = result.get
+        return Versioned(got.value, got.version) if got.found else None
+    if kind == "put":
+        return WriteResult(result.put.succeeded, result.put.version)
+    if kind == "delete":
+        return WriteResult(result.delete.succeeded, result.delete.version)
+    if kind == "error":
+        return error_from_status(grpc.StatusCode(_code(result.error.code)), result.error.message)
+    return error_from_status(grpc.StatusCode.INTERNAL, "the node sent an empty result")
+
+
+def _code(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value
+    return grpc.StatusCode.UNKNOWN.value
+
+
+@dataclass
+class Chunk:
+    """Operations (by index into the caller's list) bound for one node in one call."""
+
+    node_id: str
+    address: str
+    indexes: list[int]
+    request: kv_pb2.BatchRequest
+
+
+def plan(
+    cluster_map: ClusterMap,
+    encoded: Sequence[tuple[bytes, kv_pb2.Operation]],
+    indexes: Sequence[int],
+    max_ops: int,
+) -> list[Chunk]:
+    by_owner: defaultdict[str, list[int]] = defaultdict(list)
+    for index in indexes:
+        by_owner[cluster_map.placement.owner_of_key(encoded[index][0])].append(index)
+    chunks = []
+    for node_id, owned in by_owner.items():
+        for start in range(0, len(owned), max_ops):
+            part = owned[start : start + max_ops]
+            request = kv_pb2.BatchRequest(operations=[encoded[i][1] for i in part])
+            chunks.append(Chunk(node_id, cluster_map.address_of(node_id), part, request))
+    return chunks
+
+
+def needs_resend(result: Result) -> bool:
+    return isinstance(result, KvError) and result.invalid_metadata
+
+
+def first_error(results: Sequence[Result]) -> KvError | None:
+    return next((r for r in results if isinstance(r, KvError)), None)
+
+
+def values(results: Sequence[Result]) -> list[bytes | None]:
+    error = first_error(results)
+    if error is not None:
+        raise error
+    return [r.value if isinstance(r, Versioned) else None for r in results]
+
+
+def versions(results: Sequence[Result]) -> list[int]:
+    error = first_error(results)
+    if error is not None:
+        raise error
+    return [r.version if isinstance(r, WriteResult) else 0 for r in results]
