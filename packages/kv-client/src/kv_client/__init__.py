@@ -10,6 +10,7 @@ with Client("127.0.0.1:7001") as kv:
 from kv_client.aio import AsyncClient
 from kv_client.client import Client
 from kv_client.cluster_map import ClusterMap, Member
+from kv_client.coalesce import CoalesceConfig
 from kv_client.errors import (
     AccessDeniedError,
     DeadlineExceededError,
@@ -30,6 +31,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ClusterMap",
+    "CoalesceConfig",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",

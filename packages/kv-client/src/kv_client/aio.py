@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2_grpc
+from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kv_client import _calls, batch
 from kv_client._calls import Call, Key, Value
 from kv_client._transport import (
@@ -30,7 +30,8 @@ from kv_client._transport import (
 )
 from kv_client.batch import Operation, Result
 from kv_client.cluster_map import ClusterMap, ClusterMapError
-from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, never_sent
+from kv_client.coalesce import DEFAULT_COALESCE, AsyncLane, AttemptFailed, CoalesceConfig, failed
+from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
 from kv_client.retry import RetryPolicy
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
 
@@ -47,8 +48,11 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         max_batch_ops: int = batch.DEFAULT_MAX_OPS,
+        coalesce: CoalesceConfig | None = DEFAULT_COALESCE,
     ) -> None:
         self._max_batch_ops = max_batch_ops
+        self._coalesce = coalesce
+        self._lanes: dict[tuple[str, int], AsyncLane] = {}
         self._seeds = seed_list(addresses)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
@@ -285,6 +289,38 @@ class AsyncClient:
             return self._map
         raise no_map_error(tried, errors)
 
+    async def _attempt(
+        self,
+        call: Call[Any],
+        address: str,
+        deadline: float,
+        cluster_map: ClusterMap,
+        metadata: Metadata | None,
+    ) -> Any:
+        md = routed_metadata(cluster_map, metadata)
+        method: Any = getattr(self._stub(address), call.method)
+
+        async def unary() -> Any:
+            timeout = max(0.0, deadline - time.monotonic())
+            return await method(call.request, timeout=timeout, metadata=md)
+
+        if self._coalesce is None or metadata:
+            try:
+                return await unary()
+            except grpc.RpcError as exc:
+                raise failed(exc) from None
+        lane = self._lanes.get((address, cluster_map.epoch))
+        if lane is None:
+            stub = self._stub(address)
+
+            async def send_batch(
+                request: kv_pb2.BatchRequest, timeout: float
+            ) -> kv_pb2.BatchResponse:
+                return await stub.Batch(request, timeout=timeout, metadata=md)
+
+            lane = self._lanes[(address, cluster_map.epoch)] = AsyncLane(self._coalesce, send_batch)
+        return await lane.submit(call, deadline, unary)
+
     async def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:
         budget = self._timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
@@ -295,20 +331,15 @@ class AsyncClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"deadline of {budget}s passed before {call.method}")
-            method: Any = getattr(self._stub(address), call.method)
             try:
-                response = await method(
-                    call.request,
-                    timeout=remaining,
-                    metadata=routed_metadata(cluster_map, metadata),
-                )
+                response = await self._attempt(call, address, deadline, cluster_map, metadata)
                 return call.decode(response)
-            except grpc.RpcError as exc:
-                error = error_from_rpc(exc)
+            except AttemptFailed as failure:
+                error = failure.error
                 error.message = f"{call.method} via node {node_id!r} at {address}: {error.message}"
                 error.args = (error.message,)
                 retry = self._retry.should_retry(
-                    error, attempt=attempt, safety=call.safety, never_sent=never_sent(exc)
+                    error, attempt=attempt, safety=call.safety, never_sent=failure.never_sent
                 )
                 pause = self._retry.backoff(attempt)
                 if not retry or time.monotonic() + pause >= deadline:
