@@ -133,3 +133,13 @@ def versions(results: Sequence[Result]) -> list[int]:
     if error is not None:
         raise error
     return [r.version if isinstance(r, WriteResult) else 0 for r in results]
+
+
+def record(results: list[Result], chunk: Chunk, response: kv_pb2.BatchResponse | KvError) -> None:
+    """Store one chunk's outcome: per-operation results, or its call's error for each."""
+    if isinstance(response, KvError):
+        for index in chunk.indexes:
+            results[index] = response
+        return
+    for index, result in zip(chunk.indexes, response.results, strict=True):
+        results[index] = from_proto(result)

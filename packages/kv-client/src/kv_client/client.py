@@ -28,7 +28,7 @@ from kv_client.batch import Operation, Result
 from kv_client.cluster_map import ClusterMap, ClusterMapError
 from kv_client.coalesce import DEFAULT_COALESCE, AttemptFailed, CoalesceConfig, SyncLane, failed
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
-from kv_client.retry import RetryPolicy
+from kv_client.retry import RetryPolicy, next_pause
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
 
 Out = TypeVar("Out")
@@ -161,10 +161,7 @@ class Client:
     def locate(self, key: Key, *, timeout: float | None = None) -> Location:
         """Which partition and node own ``key``, by the current map."""
         raw = _calls.encode_key(key)
-        cluster_map = self.cluster_map(timeout=timeout)
-        partition = cluster_map.placement.partition_of(raw)
-        replicas = cluster_map.placement.replicas(partition)
-        return Location(raw, partition, replicas[0], cluster_map.address_of(replicas[0]), replicas)
+        return (self.cluster_map(timeout=timeout)).locate(raw)
 
     def node_status(self, address: str, *, timeout: float | None = None) -> NodeStatus:
         """Status of the node at ``address`` (no routing)."""
@@ -210,14 +207,9 @@ class Client:
                 calls.append((chunk, future))
             for chunk, future in calls:
                 try:
-                    response = future.result()
+                    batch.record(results, chunk, future.result())
                 except grpc.RpcError as exc:
-                    error = error_from_rpc(exc)
-                    for index in chunk.indexes:
-                        results[index] = error
-                    continue
-                for index, result in zip(chunk.indexes, response.results, strict=True):
-                    results[index] = batch.from_proto(result)
+                    batch.record(results, chunk, error_from_rpc(exc))
             pending = [i for i in pending if batch.needs_resend(results[i])]
             if not pending:
                 break
@@ -343,14 +335,16 @@ class Client:
                 response = self._attempt(call, address, deadline, cluster_map, metadata)
                 return call.decode(response)
             except AttemptFailed as failure:
-                error = failure.error
-                error.message = f"{call.method} via node {node_id!r} at {address}: {error.message}"
-                error.args = (error.message,)
-                retry = self._retry.should_retry(
-                    error, attempt=attempt, safety=call.safety, never_sent=failure.never_sent
+                error = failure.located(call, node_id, address)
+                pause = next_pause(
+                    self._retry,
+                    error,
+                    attempt=attempt,
+                    safety=call.safety,
+                    never_sent=failure.never_sent,
+                    time_left=deadline - time.monotonic(),
                 )
-                pause = self._retry.backoff(attempt)
-                if not retry or time.monotonic() + pause >= deadline:
+                if pause is None:
                     raise error from None
             if error.invalid_metadata:
                 cluster_map = self._refresh(deadline)

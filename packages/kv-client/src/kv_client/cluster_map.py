@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from kv.v1 import cluster_pb2
 from kv_client.placement import Placement, PlacementError
+from kv_client.types import Location
 
 
 class ClusterMapError(ValueError):
@@ -100,3 +101,8 @@ class ClusterMap:
 
     def address_of(self, node_id: str) -> str:
         return self.addresses[node_id]
+
+    def locate(self, key: bytes) -> Location:
+        partition = self.placement.partition_of(key)
+        replicas = self.placement.replicas(partition)
+        return Location(key, partition, replicas[0], self.addresses[replicas[0]], replicas)

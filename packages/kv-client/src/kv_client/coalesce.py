@@ -26,9 +26,9 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client._calls import Call
 from kv_client.batch import DEFAULT_MAX_OPS
-from kv_client.limits import DEFAULT_MAX_BATCH_BYTES
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, error_from_status
 from kv_client.errors import never_sent as _never_sent
+from kv_client.limits import DEFAULT_MAX_BATCH_BYTES
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,13 @@ class AttemptFailed(Exception):
         super().__init__(error.message)
         self.error = error
         self.never_sent = never_sent
+
+    def located(self, call: Call[Any], node_id: str, address: str) -> KvError:
+        """The error, its message prefixed with where the call went."""
+        error = self.error
+        error.message = f"{call.method} via node {node_id!r} at {address}: {error.message}"
+        error.args = (error.message,)
+        return error
 
 
 def failed(exc: grpc.RpcError) -> AttemptFailed:

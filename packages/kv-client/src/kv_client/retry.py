@@ -52,3 +52,18 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def next_pause(
+    policy: RetryPolicy,
+    error: KvError,
+    *,
+    attempt: int,
+    safety: Safety,
+    never_sent: bool,
+    time_left: float,
+) -> float | None:
+    """Seconds to wait before the next attempt, or None to give up and raise."""
+    pause = policy.backoff(attempt)
+    retry = policy.should_retry(error, attempt=attempt, safety=safety, never_sent=never_sent)
+    return pause if retry and pause < time_left else None
