@@ -14,7 +14,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "uv"
-nox.options.sessions = ["lint", "typecheck", "tests", "cluster_e2e"]
+nox.options.sessions = ["lint", "typecheck", "tests", "sim", "cluster_e2e"]
 nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).parent
@@ -124,6 +124,14 @@ def tests(session: nox.Session) -> None:
     """Unit tests of every package, including a short raft simulation."""
     _sync(session, "dev")
     session.run("pytest", *UNIT_TEST_DIRS, *session.posargs)
+
+
+@nox.session(python="3.11")
+def sim(session: nox.Session) -> None:
+    """Deterministic Raft cluster simulation over many seeds; `nox -s sim -- --soak` for a soak."""
+    _sync(session, "dev")
+    args = session.posargs or ["--seeds", "200", "--jobs", "2"]
+    session.run("python", "-m", "kv_node.sim", *args)
 
 
 @nox.session(python="3.11")

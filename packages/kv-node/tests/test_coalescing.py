@@ -6,8 +6,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import InProcessCluster
 
+from conftest import InProcessCluster
 from kv_client import AsyncClient, Client, CoalesceConfig, UnavailableError
 
 
