@@ -142,6 +142,18 @@ def cluster_e2e(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Benchmark smoke run (~1.5 min): kv vs a gRPC echo ceiling, etcd and Redis when installed.
+
+    Results go to bench-results/; `nox -s bench -- --suite full` runs the full suite (~16 min).
+    """
+    _sync(session, "bench")
+    session.run(
+        "python", "-m", "kv_client.bench", "--out", str(ROOT / "bench-results"), *session.posargs
+    )
+
+
+@nox.session(python="3.11")
 def up(session: nox.Session) -> None:
     """Start a local 3-node cluster on the durable engine (Ctrl-C stops it)."""
     _sync(session)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kv_client.bench import cli as bench_cli
 from kv_client.client import Client
 from kv_client.errors import KvError
 from kv_client.local_cluster import LocalClusterError
@@ -54,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=0, help="node count (default 3 for a new --data)")
     up.add_argument("--data", type=Path, required=True, help="directory for the cluster's data")
     up.add_argument("--engine", choices=("lmdb", "memory"), default="lmdb")
+    bench = sub.add_parser("bench", help="closed-loop load against a running cluster")
+    bench_cli.add_arguments(bench)
     return p
 
 
@@ -131,6 +134,8 @@ def _status(client: Client, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "bench":
+        return bench_cli.run_from_args(args)
     try:
         if args.command == "cluster" and args.cluster_command == "up":
             return run_local_cluster(args.data, args.nodes, args.engine)
