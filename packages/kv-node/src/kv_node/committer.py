@@ -21,12 +21,13 @@ class GroupCommitter:
     def __init__(self, store: Store, *, max_group: int = MAX_GROUP) -> None:
         self._store = store
         self._max_group = max_group
-        self._queue: list[tuple[WriteOp, asyncio.Future[WriteResult]]] = []
+        # One entry per caller (a single write, or a whole batch's writes): one future each.
+        self._queue: list[tuple[Sequence[WriteOp], asyncio.Future[list[WriteResult]]]] = []
         self._runner: asyncio.Task[None] | None = None
         self.transactions = 0
 
     async def write(self, op: WriteOp) -> WriteResult:
-        (result,) = await self.write_many([op])
+        (result,) = await self.write_many((op,))
         return result
 
     async def write_many(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
@@ -34,29 +35,42 @@ class GroupCommitter:
             # Nothing to wait for: apply inline, which keeps the memory engine cheap.
             self.transactions += 1
             return self._store.write(ops)
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in ops]
-        self._queue.extend(zip(ops, futures, strict=True))
+        future: asyncio.Future[list[WriteResult]] = asyncio.get_running_loop().create_future()
+        self._queue.append((ops, future))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run())
         # shield: a cancelled caller must not cancel a write that may already be committed.
-        return list(await asyncio.shield(asyncio.gather(*futures)))
+        return await asyncio.shield(future)
+
+    def _next_group(self) -> list[tuple[Sequence[WriteOp], asyncio.Future[list[WriteResult]]]]:
+        count = 0
+        taken = 0
+        for ops, _ in self._queue:
+            if taken and count + len(ops) > self._max_group:
+                break
+            count += len(ops)
+            taken += 1
+        group = self._queue[:taken]
+        del self._queue[:taken]
+        return group
 
     async def _run(self) -> None:
         while self._queue:
-            group = self._queue[: self._max_group]
-            del self._queue[: self._max_group]
+            group = self._next_group()
+            flat = [op for ops, _ in group for op in ops]
             try:
-                results = await asyncio.to_thread(self._store.write, [op for op, _ in group])
+                results = await asyncio.to_thread(self._store.write, flat)
             except Exception as exc:
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)
                 continue
             self.transactions += 1
-            for (_, future), result in zip(group, results, strict=True):
+            start = 0
+            for ops, future in group:
                 if not future.done():
-                    future.set_result(result)
+                    future.set_result(results[start : start + len(ops)])
+                start += len(ops)
 
     async def drain(self) -> None:
         """Wait until every queued write is committed."""
