@@ -5,6 +5,9 @@ revision of the write that produced the value. Revisions only grow, so a key
 that is deleted and written again never reuses a version, and compare-and-swap
 on versions has no ABA problem.
 
+Operations and results are NamedTuples: immutable like frozen dataclasses, but
+several times cheaper to create, and the batch path creates millions.
+
 Writes arrive in batches (``Store.write``) that the engine applies atomically
 and, for a durable engine, makes durable before returning. The node's group
 committer gathers concurrent writes into one batch, so one fsync serves many.
@@ -13,20 +16,17 @@ committer gathers concurrent writes into one batch, so one fsync serves many.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class PutOp:
+class PutOp(NamedTuple):
     key: bytes
     value: bytes
     if_version: int | None = None
     """Write only if the current version equals this; 0 means the key must be absent."""
 
 
-@dataclass(frozen=True, slots=True)
-class DeleteOp:
+class DeleteOp(NamedTuple):
     key: bytes
     if_version: int | None = None
 
@@ -34,8 +34,7 @@ class DeleteOp:
 WriteOp = PutOp | DeleteOp
 
 
-@dataclass(frozen=True, slots=True)
-class WriteResult:
+class WriteResult(NamedTuple):
     succeeded: bool
     """False only when the op's condition did not hold."""
     found: bool
