@@ -16,4 +16,4 @@ DEFAULT_MAX_BATCH_OPS = 1000
 """Most operations in one Batch call unless started with --max-batch-ops."""
 
 DEFAULT_MAX_BATCH_BYTES = 4 * 1024 * 1024
-"""Largest encoded Batch request (keys, values and framing) unless --max-batch-bytes says otherwise."""
+"""Largest encoded Batch request (keys, values, framing) unless --max-batch-bytes is given."""
