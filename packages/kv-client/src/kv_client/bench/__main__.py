@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kv_client.bench.cli import parse_levels
 from kv_client.bench.memory import measure_engine
 from kv_client.bench.report import machine, write_all
 from kv_client.bench.servers import Servers
@@ -28,18 +29,6 @@ SUITES: dict[str, dict[str, Any]] = {
         "memory": 1_000_000,
     },
 }
-
-
-def parse_levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of integers: {text}"
-        ) from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels must be positive integers")
-    return levels
 
 
 def parser() -> argparse.ArgumentParser:

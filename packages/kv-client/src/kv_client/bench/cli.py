@@ -30,7 +30,8 @@ from kv_client.bench.workload import WORKLOADS, WorkloadSpec
 DEFAULT_ADDRESSES = "127.0.0.1:7001"
 
 
-def _levels(text: str) -> list[int]:
+def parse_levels(text: str) -> list[int]:
+    """A comma-separated list of positive integers (concurrency levels)."""
     try:
         levels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=_levels,
+        type=parse_levels,
         default=[16],
         help="workers (closed loop); a comma-separated list runs each level",
     )
