@@ -112,3 +112,21 @@ def test_sync_coalescing_under_errors(
 
         with ThreadPoolExecutor(max_workers=12) as pool:
             assert set(pool.map(attempt, keys)) == {"unavailable"}
+
+
+def test_clients_size_batches_by_the_limits_nodes_publish(cluster: InProcessCluster) -> None:
+    """The in-process nodes allow 50 operations and 16 KiB per batch; defaults allow more."""
+
+    async def scenario() -> None:
+        async with AsyncClient(cluster.addresses["a"]) as kv:
+            limits = (await kv.cluster_map()).limits
+            assert (limits.max_batch_ops, limits.max_batch_bytes) == (50, 16 * 1024)
+            assert limits.max_value_bytes == 1024
+            versions = await asyncio.gather(*(kv.put(f"lim-{i}", "v" * 900) for i in range(400)))
+            assert all(v > 0 for v in versions)
+
+    asyncio.run(scenario())
+    assert batched_operations(cluster) > 0, "the load was coalesced"
+    with Client(cluster.addresses["b"]) as kv:
+        kv.put_many({f"many-{i}": "v" * 900 for i in range(120)})
+        assert kv.get_many([f"many-{i}" for i in range(120)]) == [b"v" * 900] * 120

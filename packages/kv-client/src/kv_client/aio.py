@@ -30,7 +30,14 @@ from kv_client._transport import (
 )
 from kv_client.batch import Operation, Result
 from kv_client.cluster_map import ClusterMap, ClusterMapError
-from kv_client.coalesce import DEFAULT_COALESCE, AsyncLane, AttemptFailed, CoalesceConfig, failed
+from kv_client.coalesce import (
+    DEFAULT_COALESCE,
+    AsyncLane,
+    AttemptFailed,
+    CoalesceConfig,
+    failed,
+    within,
+)
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
 from kv_client.retry import RetryPolicy, next_pause
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
@@ -311,7 +318,9 @@ class AsyncClient:
             ) -> kv_pb2.BatchResponse:
                 return await stub.Batch(request, timeout=timeout, metadata=md)
 
-            lane = self._lanes[(address, cluster_map.epoch)] = AsyncLane(self._coalesce, send_batch)
+            lane = self._lanes[(address, cluster_map.epoch)] = AsyncLane(
+                within(self._coalesce, cluster_map.limits), send_batch
+            )
         return await lane.submit(call, deadline, unary)
 
     async def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:

@@ -95,22 +95,44 @@ class Chunk:
     request: kv_pb2.BatchRequest
 
 
+FRAMING_BYTES = 16
+"""Allowance per operation for protobuf framing when sizing a chunk."""
+
+
 def plan(
     cluster_map: ClusterMap,
     encoded: Sequence[tuple[bytes, kv_pb2.Operation]],
     indexes: Sequence[int],
     max_ops: int,
 ) -> list[Chunk]:
+    """Group operations by owner and cut each group at the node's op and byte limits."""
+    max_ops = min(max_ops, cluster_map.limits.max_batch_ops)
+    max_bytes = cluster_map.limits.max_batch_bytes
     by_owner: defaultdict[str, list[int]] = defaultdict(list)
     for index in indexes:
         by_owner[cluster_map.placement.owner_of_key(encoded[index][0])].append(index)
     chunks = []
     for node_id, owned in by_owner.items():
-        for start in range(0, len(owned), max_ops):
-            part = owned[start : start + max_ops]
-            request = kv_pb2.BatchRequest(operations=[encoded[i][1] for i in part])
-            chunks.append(Chunk(node_id, cluster_map.address_of(node_id), part, request))
+        address = cluster_map.address_of(node_id)
+        part: list[int] = []
+        size = 0
+        for index in owned:
+            op_size = encoded[index][1].ByteSize() + FRAMING_BYTES
+            if part and (len(part) == max_ops or size + op_size > max_bytes):
+                chunks.append(_chunk(node_id, address, part, encoded))
+                part, size = [], 0
+            part.append(index)
+            size += op_size
+        if part:
+            chunks.append(_chunk(node_id, address, part, encoded))
     return chunks
+
+
+def _chunk(
+    node_id: str, address: str, part: list[int], encoded: Sequence[tuple[bytes, kv_pb2.Operation]]
+) -> Chunk:
+    request = kv_pb2.BatchRequest(operations=[encoded[i][1] for i in part])
+    return Chunk(node_id, address, part, request)
 
 
 def needs_resend(result: Result) -> bool:

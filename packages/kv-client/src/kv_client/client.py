@@ -26,7 +26,14 @@ from kv_client._transport import (
 )
 from kv_client.batch import Operation, Result
 from kv_client.cluster_map import ClusterMap, ClusterMapError
-from kv_client.coalesce import DEFAULT_COALESCE, AttemptFailed, CoalesceConfig, SyncLane, failed
+from kv_client.coalesce import (
+    DEFAULT_COALESCE,
+    AttemptFailed,
+    CoalesceConfig,
+    SyncLane,
+    failed,
+    within,
+)
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
 from kv_client.retry import RetryPolicy, next_pause
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
@@ -318,7 +325,9 @@ class Client:
                 ) -> kv_pb2.BatchResponse:
                     return stub.Batch(request, timeout=timeout, metadata=md)
 
-                lane = self._lanes[key] = SyncLane(self._coalesce, send_batch)
+                lane = self._lanes[key] = SyncLane(
+                    within(self._coalesce, cluster_map.limits), send_batch
+                )
         return lane.submit(call, deadline, unary)
 
     def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:

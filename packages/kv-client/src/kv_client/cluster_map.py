@@ -11,6 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kv.v1 import cluster_pb2
+from kv_client.limits import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_OPS,
+    DEFAULT_MAX_VALUE_BYTES,
+    MAX_KEY_BYTES,
+)
 from kv_client.placement import Placement, PlacementError
 from kv_client.types import Location
 
@@ -25,6 +31,35 @@ class Member:
     address: str
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A node's request limits, published in its cluster map."""
+
+    max_key_bytes: int = MAX_KEY_BYTES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    max_batch_ops: int = DEFAULT_MAX_BATCH_OPS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+
+    @classmethod
+    def from_proto(cls, message: cluster_pb2.Limits) -> Limits:
+        """Zero fields (a node that does not publish limits) keep the defaults."""
+        default = cls()
+        return cls(
+            max_key_bytes=message.max_key_bytes or default.max_key_bytes,
+            max_value_bytes=message.max_value_bytes or default.max_value_bytes,
+            max_batch_ops=message.max_batch_ops or default.max_batch_ops,
+            max_batch_bytes=message.max_batch_bytes or default.max_batch_bytes,
+        )
+
+    def to_proto(self) -> cluster_pb2.Limits:
+        return cluster_pb2.Limits(
+            max_key_bytes=self.max_key_bytes,
+            max_value_bytes=self.max_value_bytes,
+            max_batch_ops=self.max_batch_ops,
+            max_batch_bytes=self.max_batch_bytes,
+        )
+
+
 @dataclass(frozen=True)
 class ClusterMap:
     """Members and placement parameters at one epoch."""
@@ -36,6 +71,7 @@ class ClusterMap:
     vnodes: int
     placement: Placement = field(repr=False, compare=False)
     addresses: Mapping[str, str] = field(repr=False, compare=False)
+    limits: Limits = field(default_factory=Limits, compare=False)
 
     @classmethod
     def build(
@@ -46,6 +82,7 @@ class ClusterMap:
         partitions: int,
         replication_factor: int,
         vnodes: int,
+        limits: Limits | None = None,
     ) -> ClusterMap:
         addresses = {m.node_id: m.address for m in members}
         if len(addresses) != len(members):
@@ -67,6 +104,7 @@ class ClusterMap:
             vnodes=vnodes,
             placement=placement,
             addresses=addresses,
+            limits=limits or Limits(),
         )
 
     @classmethod
@@ -77,6 +115,7 @@ class ClusterMap:
             partitions=message.partition_count,
             replication_factor=message.replication_factor,
             vnodes=message.vnodes,
+            limits=Limits.from_proto(message.limits),
         )
 
     def to_proto(self, *, include_partitions: bool = False) -> cluster_pb2.ClusterMap:
@@ -86,6 +125,7 @@ class ClusterMap:
             partition_count=self.partitions,
             replication_factor=self.replication_factor,
             vnodes=self.vnodes,
+            limits=self.limits.to_proto(),
         )
         if include_partitions:
             message.partitions.extend(

@@ -18,7 +18,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -26,6 +26,7 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client._calls import Call
 from kv_client.batch import DEFAULT_MAX_OPS
+from kv_client.cluster_map import Limits
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, error_from_status
 from kv_client.errors import never_sent as _never_sent
 from kv_client.limits import DEFAULT_MAX_BATCH_BYTES
@@ -44,6 +45,15 @@ class CoalesceConfig:
 
 
 DEFAULT_COALESCE = CoalesceConfig()
+
+
+def within(config: CoalesceConfig, limits: Limits) -> CoalesceConfig:
+    """The config, capped so a coalesced batch never exceeds the node's published limits."""
+    return replace(
+        config,
+        max_ops=min(config.max_ops, limits.max_batch_ops),
+        max_bytes=min(config.max_bytes, limits.max_batch_bytes // 2),
+    )
 
 
 class AttemptFailed(Exception):

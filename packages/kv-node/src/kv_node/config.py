@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kv_client.cluster_map import ClusterMap, ClusterMapError, Member
+from kv_client.cluster_map import ClusterMap, ClusterMapError, Limits, Member
 from kv_client.limits import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_OPS,
@@ -164,6 +164,12 @@ def build_config(
             partitions=partitions,
             replication_factor=1,
             vnodes=vnodes,
+            limits=Limits(
+                max_key_bytes=MAX_KEY_BYTES,
+                max_value_bytes=max_value_bytes,
+                max_batch_ops=max_batch_ops,
+                max_batch_bytes=max_batch_bytes,
+            ),
         )
     except ClusterMapError as exc:
         raise ConfigError(str(exc)) from exc

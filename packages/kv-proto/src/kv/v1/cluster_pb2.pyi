@@ -68,6 +68,7 @@ class ClusterMap(_message.Message):
     REPLICATION_FACTOR_FIELD_NUMBER: _builtins.int
     VNODES_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """Advances with every change of membership or placement parameters."""
     partition_count: _builtins.int
@@ -79,6 +80,10 @@ class ClusterMap(_message.Message):
     def partitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaSet]:
         """Present only when requested; index i describes partition i."""
 
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """The answering node's request limits, so that clients size their batches."""
+
     def __init__(
         self,
         *,
@@ -88,14 +93,44 @@ class ClusterMap(_message.Message):
         replication_factor: _builtins.int = ...,
         vnodes: _builtins.int = ...,
         partitions: _abc.Iterable[Global___ReplicaSet] | None = ...,
+        limits: Global___Limits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "members", b"members", "partition_count", b"partition_count", "partitions", b"partitions", "replication_factor", b"replication_factor", "vnodes", b"vnodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "limits", b"limits", "members", b"members", "partition_count", b"partition_count", "partitions", b"partitions", "replication_factor", b"replication_factor", "vnodes", b"vnodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterMap: _TypeAlias = ClusterMap  # noqa: Y015
+
+@_typing.final
+class Limits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_KEY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_OPS_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_BYTES_FIELD_NUMBER: _builtins.int
+    max_key_bytes: _builtins.int
+    max_value_bytes: _builtins.int
+    max_batch_ops: _builtins.int
+    max_batch_bytes: _builtins.int
+    """Largest encoded BatchRequest."""
+    def __init__(
+        self,
+        *,
+        max_key_bytes: _builtins.int = ...,
+        max_value_bytes: _builtins.int = ...,
+        max_batch_ops: _builtins.int = ...,
+        max_batch_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_bytes", b"max_batch_bytes", "max_batch_ops", b"max_batch_ops", "max_key_bytes", b"max_key_bytes", "max_value_bytes", b"max_value_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limits: _TypeAlias = Limits  # noqa: Y015
 
 @_typing.final
 class Member(_message.Message):
