@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kv_client import Client, KvError
 from kv_client.local_cluster import free_port
+from kv_client.local_cluster import stop as stop_processes
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -91,13 +92,7 @@ class NodeProcess:
 
     def terminate(self) -> int:
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], timeout=STOP_TIMEOUT)
         return self.process.returncode
 
 

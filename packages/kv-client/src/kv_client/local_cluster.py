@@ -15,8 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kv_client.client import Client
 from kv_client.errors import KvError
@@ -111,11 +113,12 @@ def wait_ready(nodes: list[LocalNode], processes: list[subprocess.Popen[bytes]])
                     time.sleep(0.1)
 
 
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+def stop(processes: Sequence[subprocess.Popen[Any]], *, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM every process, give them ``timeout`` seconds together, then SIGKILL the rest."""
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + timeout
     for process in processes:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from kv_client.local_cluster import free_port
+from kv_client.local_cluster import stop as stop_processes
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -34,13 +36,6 @@ class Unavailable:
     """A target that cannot run here, and why (shown in the report)."""
 
     reason: str
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def find_binary(name: str) -> str | None:
@@ -168,22 +163,13 @@ class Servers:
         return process
 
     def stop(self, process: Process) -> None:
-        if process.popen.poll() is None:
-            process.popen.send_signal(signal.SIGTERM)
-            try:
-                process.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.popen.kill()
-                process.popen.wait()
+        stop_processes([process.popen], timeout=STOP_TIMEOUT)
         if process in self.processes:
             self.processes.remove(process)
 
     def stop_all(self) -> None:
-        for process in list(self.processes):
-            if process.popen.poll() is None:
-                process.popen.send_signal(signal.SIGTERM)
-        for process in list(self.processes):
-            self.stop(process)
+        stop_processes([p.popen for p in self.processes], timeout=STOP_TIMEOUT)
+        self.processes.clear()
 
     # --- the targets -------------------------------------------------------------------
 
