@@ -19,7 +19,7 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client._calls import Key, Value, encode, encode_key
 from kv_client.cluster_map import ClusterMap
-from kv_client.errors import KvError, error_from_status
+from kv_client.errors import KvError, error_from_status, status_from_number
 from kv_client.types import Versioned, WriteResult
 
 DEFAULT_MAX_OPS = 1000
@@ -64,25 +64,27 @@ def to_proto(op: Operation) -> tuple[bytes, kv_pb2.Operation]:
     return key, kv_pb2.Operation(delete=delete)
 
 
+def result_error(result: kv_pb2.OperationResult) -> KvError | None:
+    """The error an operation's result carries (an empty result counts as one), or None."""
+    kind = result.WhichOneof("result")
+    if kind == "error":
+        return error_from_status(status_from_number(result.error.code), result.error.message)
+    if kind is None:
+        return error_from_status(grpc.StatusCode.INTERNAL, "the node sent an empty result")
+    return None
+
+
 def from_proto(result: kv_pb2.OperationResult) -> Result:
+    error = result_error(result)
+    if error is not None:
+        return error
     kind = result.WhichOneof("result")
     if kind == "get":
         got = result.get
         return Versioned(got.value, got.version) if got.found else None
     if kind == "put":
         return WriteResult(result.put.succeeded, result.put.version)
-    if kind == "delete":
-        return WriteResult(result.delete.succeeded, result.delete.version)
-    if kind == "error":
-        return error_from_status(grpc.StatusCode(_code(result.error.code)), result.error.message)
-    return error_from_status(grpc.StatusCode.INTERNAL, "the node sent an empty result")
-
-
-def _code(number: int) -> tuple[int, str]:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value
+    return WriteResult(result.delete.succeeded, result.delete.version)
 
 
 @dataclass

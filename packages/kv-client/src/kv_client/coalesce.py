@@ -25,9 +25,9 @@ import grpc
 
 from kv.v1 import kv_pb2
 from kv_client._calls import Call
-from kv_client.batch import DEFAULT_MAX_OPS
+from kv_client.batch import DEFAULT_MAX_OPS, result_error
 from kv_client.cluster_map import Limits
-from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc, error_from_status
+from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
 from kv_client.errors import never_sent as _never_sent
 from kv_client.limits import DEFAULT_MAX_BATCH_BYTES
 
@@ -87,17 +87,10 @@ def operation_of(call: Call[Any]) -> kv_pb2.Operation:
 
 def unpack(result: kv_pb2.OperationResult) -> Any:
     """The unary response inside a batch result, or AttemptFailed for an error result."""
-    kind = result.WhichOneof("result")
-    if kind == "error":
-        code = next(
-            (c for c in grpc.StatusCode if c.value[0] == result.error.code), grpc.StatusCode.UNKNOWN
-        )
-        raise AttemptFailed(error_from_status(code, result.error.message), never_sent=False)
-    if kind is None:
-        raise AttemptFailed(
-            error_from_status(grpc.StatusCode.INTERNAL, "empty batch result"), never_sent=False
-        )
-    return getattr(result, kind)
+    error = result_error(result)
+    if error is not None:
+        raise AttemptFailed(error, never_sent=False)
+    return getattr(result, str(result.WhichOneof("result")))
 
 
 def _size(operation: kv_pb2.Operation) -> int:

@@ -88,6 +88,14 @@ def error_from_status(code: grpc.StatusCode, details: str) -> KvError:
     return cls(details, code=code)
 
 
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_from_number(number: int) -> grpc.StatusCode:
+    """The status code with this wire number (UNKNOWN for a number gRPC does not define)."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def never_sent(error: grpc.RpcError) -> bool:
     """True when gRPC reports that no connection could be made.
 
