@@ -273,7 +273,7 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         metadata = _metadata(context)
         # The hot loop of the node: keep per-operation work to plain attribute access.
         me = config.node_id
-        owner_of = None if len(config.cluster.members) == 1 else node.owner_of
+        owner_of = config.cluster.placement.owner_of_key
         max_key, max_value = config.max_key_bytes, config.max_value_bytes
         store_get = node.store.get
         for index, operation in enumerate(operations):
@@ -292,18 +292,12 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
                     node.check_key(key)
                 if kind == "put" and len(single.value) > max_value:
                     node.check_value(single.value)
-                owner = me if owner_of is None else owner_of(key)
+                owner = owner_of(key)
                 if owner != me:
                     misrouted = node.misrouted(key, owner, metadata)
                     if misrouted is not None:
                         raise misrouted
                     remote[owner].append(index)
-                elif kind == "put":
-                    if single.HasField("if_version"):
-                        writes.append((index, PutOp(key, single.value, single.if_version)))
-                    else:
-                        writes.append((index, PutOp(key, single.value)))
-                    written.add(key)
                 elif kind == "get":
                     if key in written:
                         deferred_reads.append(index)  # read after this batch's own write
@@ -319,12 +313,11 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
             if not writes:
                 return
             outcomes = await node.committer.write_many([op for _, op in writes])
-            Result, Put = kv_pb2.OperationResult, kv_pb2.PutResponse
             for (index, op), outcome in zip(writes, outcomes, strict=True):
                 results[index] = (
-                    Result(put=Put(succeeded=outcome.succeeded, version=outcome.version))
+                    kv_pb2.OperationResult(put=_put_response(outcome))
                     if isinstance(op, PutOp)
-                    else Result(delete=_delete_response(outcome))
+                    else kv_pb2.OperationResult(delete=_delete_response(outcome))
                 )
             for index in deferred_reads:
                 key = operations[index].get.key
