@@ -11,12 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from kv_node.config import ENGINES
 from kv_node.store import Store, StoreError
 from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE, LmdbStore
 from kv_node.store.memory import MemoryStore
 
 IDENTITY_FILE = "kv-node.json"
+ENGINES = ("lmdb", "memory")
+"""The storage engines; the name is checked here, where the engine is opened."""
 
 
 def claim(data_dir: Path, node_id: str) -> None:

@@ -13,12 +13,11 @@ from kv_client.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES
 from kv_node.config import (
     DEFAULT_DRAIN_SECONDS,
     DEFAULT_FORWARD_TIMEOUT,
-    ENGINES,
     ConfigError,
     NodeConfig,
     build_config,
 )
-from kv_node.data_dir import open_store
+from kv_node.data_dir import ENGINES, open_store
 from kv_node.server import serve
 from kv_node.store import StoreError
 from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE
