@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kv_client import Client, KvError
-from kv_client.local_cluster import free_port
+from kv_client import Client
+from kv_client.local_cluster import LocalClusterError, free_port, wait_serving
 from kv_client.local_cluster import stop as stop_processes
 
 READY_TIMEOUT = 30.0
@@ -68,18 +68,10 @@ class NodeProcess:
         assert self.process is not None
         deadline = time.monotonic() + READY_TIMEOUT
         with Client(self.address, timeout=1.0) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(
-                        f"{self.node_id} exited with {self.process.returncode}: {self.output()}"
-                    )
-                try:
-                    client.node_status(self.address, timeout=0.5)
-                    return
-                except KvError:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"{self.node_id} not ready: {self.output()}") from None
-                    time.sleep(0.05)
+            try:
+                wait_serving(client, self.node_id, self.address, self.process, deadline)
+            except LocalClusterError as exc:
+                raise AssertionError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
         return self.log.read_text() if self.log and self.log.exists() else ""

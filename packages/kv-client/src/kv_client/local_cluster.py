@@ -92,25 +92,29 @@ def node_command(node: LocalNode, members: list[LocalNode], data: Path, engine: 
     ]
 
 
+def wait_serving(
+    client: Client, node_id: str, address: str, process: subprocess.Popen[Any], deadline: float
+) -> None:
+    """Poll the node's status until it answers; fail if its process exits or time runs out."""
+    while True:
+        if process.poll() is not None:
+            raise LocalClusterError(
+                f"node {node_id} exited with code {process.returncode}; see its log file"
+            )
+        try:
+            client.node_status(address, timeout=0.5)
+            return
+        except KvError:
+            if time.monotonic() > deadline:
+                raise LocalClusterError(f"node {node_id} did not start answering in time") from None
+            time.sleep(0.05)
+
+
 def wait_ready(nodes: list[LocalNode], processes: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     with Client([n.address for n in nodes], timeout=1.0) as client:
         for node, process in zip(nodes, processes, strict=True):
-            while True:
-                if process.poll() is not None:
-                    raise LocalClusterError(
-                        f"node {node.node_id} exited with code {process.returncode}; "
-                        "see its log file"
-                    )
-                try:
-                    client.node_status(node.address, timeout=0.5)
-                    break
-                except KvError:
-                    if time.monotonic() > deadline:
-                        raise LocalClusterError(
-                            f"node {node.node_id} did not answer within {READY_TIMEOUT:.0f}s"
-                        ) from None
-                    time.sleep(0.1)
+            wait_serving(client, node.node_id, node.address, process, deadline)
 
 
 def stop(processes: Sequence[subprocess.Popen[Any]], *, timeout: float = STOP_TIMEOUT) -> None:
