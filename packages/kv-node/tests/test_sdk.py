@@ -197,3 +197,20 @@ def test_async_batch_api(cluster: InProcessCluster) -> None:
             assert values == [str(i).encode() for i in range(23)]
 
     asyncio.run(scenario())
+
+
+def test_batch_resends_what_a_stale_map_sent_to_the_wrong_node(cluster: InProcessCluster) -> None:
+    with Client(cluster.addresses["a"]) as kv:
+        real = kv.cluster_map()
+        kv._map = ClusterMap.build(
+            epoch=0,
+            members=real.members,
+            partitions=real.partitions,
+            replication_factor=1,
+            vnodes=1,  # a very different ring: most keys route to the wrong node
+        )
+        versions = kv.put_many({f"stale-batch-{i}": "v" for i in range(60)})
+        assert all(v > 0 for v in versions)
+        assert kv.cluster_map().epoch == real.epoch
+        assert kv.get_many([f"stale-batch-{i}" for i in range(60)]) == [b"v"] * 60
+    assert all(s.node.requests_forwarded == 0 for s in cluster.servers.values())

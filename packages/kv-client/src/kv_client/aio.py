@@ -189,33 +189,27 @@ class AsyncClient:
         failed with. Not atomic as a whole; operations on one key apply in order.
         """
         budget = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        encoded = [batch.to_proto(op) for op in operations]
-        results: list[Result] = [None] * len(encoded)
-        pending = list(range(len(encoded)))
-        for round_ in range(2):
-            cluster_map = await self.cluster_map(refresh=round_ > 0, timeout=budget)
-            chunks = batch.plan(cluster_map, encoded, pending, self._max_batch_ops)
-            remaining = max(0.001, deadline - time.monotonic())
+        run = batch.BatchRun(operations, max_ops=self._max_batch_ops, budget=budget)
+        while True:
+            cluster_map = await self.cluster_map(refresh=run.round > 0, timeout=run.remaining())
+            chunks = run.chunks(cluster_map)
             md = routed_metadata(cluster_map, metadata)
             responses = await asyncio.gather(
                 *(
-                    self._stub(c.address).Batch(c.request, timeout=remaining, metadata=md)
+                    self._stub(c.address).Batch(c.request, timeout=run.remaining(), metadata=md)
                     for c in chunks
                 ),
                 return_exceptions=True,
             )
             for chunk, response in zip(chunks, responses, strict=True):
                 if isinstance(response, grpc.RpcError):
-                    batch.record(results, chunk, error_from_rpc(response))
+                    run.record(chunk, error_from_rpc(response))
                 elif isinstance(response, BaseException):
                     raise response
                 else:
-                    batch.record(results, chunk, response)
-            pending = [i for i in pending if batch.needs_resend(results[i])]
-            if not pending:
-                break
-        return results
+                    run.record(chunk, response)
+            if not run.another_round():
+                return run.results
 
     async def get_many(
         self,

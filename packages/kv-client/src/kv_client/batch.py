@@ -10,6 +10,7 @@ again once after a map refresh.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,6 +144,40 @@ def needs_resend(result: Result) -> bool:
 
 def first_error(results: Sequence[Result]) -> KvError | None:
     return next((r for r in results if isinstance(r, KvError)), None)
+
+
+class BatchRun:
+    """One ``batch()`` call across its rounds: what is left to send, and the results so far.
+
+    Both clients drive it the same way and differ only in how they wait for the
+    calls: plan the chunks, record each chunk's answer, then ask for another
+    round, which resends only what a node refused for a stale map (once, and
+    only while the deadline allows).
+    """
+
+    ROUNDS = 2
+
+    def __init__(self, operations: Sequence[Operation], *, max_ops: int, budget: float) -> None:
+        self.encoded = [to_proto(op) for op in operations]
+        self.results: list[Result] = [None] * len(self.encoded)
+        self.pending = list(range(len(self.encoded)))
+        self.deadline = time.monotonic() + budget
+        self.round = 0
+        self._max_ops = max_ops
+
+    def remaining(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
+
+    def chunks(self, cluster_map: ClusterMap) -> list[Chunk]:
+        return plan(cluster_map, self.encoded, self.pending, self._max_ops)
+
+    def record(self, chunk: Chunk, response: kv_pb2.BatchResponse | KvError) -> None:
+        record(self.results, chunk, response)
+
+    def another_round(self) -> bool:
+        self.pending = [i for i in self.pending if needs_resend(self.results[i])]
+        self.round += 1
+        return bool(self.pending) and self.round < self.ROUNDS and time.monotonic() < self.deadline
 
 
 def values(results: Sequence[Result]) -> list[bytes | None]:

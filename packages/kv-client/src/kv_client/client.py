@@ -197,30 +197,26 @@ class Client:
         failed with. Not atomic as a whole; operations on one key apply in order.
         """
         budget = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        encoded = [batch.to_proto(op) for op in operations]
-        results: list[Result] = [None] * len(encoded)
-        pending = list(range(len(encoded)))
-        for round_ in range(2):
-            cluster_map = self.cluster_map(refresh=round_ > 0, timeout=budget)
-            calls = []
-            for chunk in batch.plan(cluster_map, encoded, pending, self._max_batch_ops):
-                remaining = max(0.001, deadline - time.monotonic())
-                future = self._stub(chunk.address).Batch.future(
-                    chunk.request,
-                    timeout=remaining,
-                    metadata=routed_metadata(cluster_map, metadata),
+        run = batch.BatchRun(operations, max_ops=self._max_batch_ops, budget=budget)
+        while True:
+            cluster_map = self.cluster_map(refresh=run.round > 0, timeout=run.remaining())
+            md = routed_metadata(cluster_map, metadata)
+            calls = [
+                (
+                    chunk,
+                    self._stub(chunk.address).Batch.future(
+                        chunk.request, timeout=run.remaining(), metadata=md
+                    ),
                 )
-                calls.append((chunk, future))
+                for chunk in run.chunks(cluster_map)
+            ]
             for chunk, future in calls:
                 try:
-                    batch.record(results, chunk, future.result())
+                    run.record(chunk, future.result())
                 except grpc.RpcError as exc:
-                    batch.record(results, chunk, error_from_rpc(exc))
-            pending = [i for i in pending if batch.needs_resend(results[i])]
-            if not pending:
-                break
-        return results
+                    run.record(chunk, error_from_rpc(exc))
+            if not run.another_round():
+                return run.results
 
     def get_many(
         self,
