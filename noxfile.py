@@ -21,8 +21,11 @@ ROOT = Path(__file__).parent
 PROTO_DIR = ROOT / "proto"
 GENERATED_DIR = ROOT / "packages" / "kv-proto" / "src"
 PYTHON_SOURCES = ["noxfile.py", "packages", "tests"]
-UNIT_TEST_DIRS = ["packages/kv-client/tests", "packages/kv-node/tests"]
-SOURCE_DIRS = ["packages/kv-proto/src", "packages/kv-client/src", "packages/kv-node/src"]
+PACKAGES = ["kv-proto", "kv-common", "kv-client", "kv-raft", "kv-node", "kv-tools"]
+UNIT_TEST_DIRS = [
+    f"packages/{name}/tests" for name in PACKAGES if (ROOT / "packages" / name / "tests").is_dir()
+]
+SOURCE_DIRS = [f"packages/{name}/src" for name in PACKAGES]
 
 
 def _sync(session: nox.Session, *groups: str) -> None:
@@ -131,7 +134,7 @@ def sim(session: nox.Session) -> None:
     """Deterministic Raft cluster simulation over many seeds; `nox -s sim -- --soak` for a soak."""
     _sync(session, "dev")
     args = session.posargs or ["--seeds", "200", "--jobs", "2"]
-    session.run("python", "-m", "kv_node.sim", *args)
+    session.run("python", "-m", "kv_raft.sim", *args)
 
 
 @nox.session(python="3.11")
@@ -149,7 +152,7 @@ def bench(session: nox.Session) -> None:
     """
     _sync(session, "bench")
     session.run(
-        "python", "-m", "kv_client.bench", "--out", str(ROOT / "bench-results"), *session.posargs
+        "python", "-m", "kv_tools.bench", "--out", str(ROOT / "bench-results"), *session.posargs
     )
 
 

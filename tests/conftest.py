@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import Cluster
+from kv_node.testing import InProcessCluster
 
 
 @pytest.fixture
@@ -19,3 +20,20 @@ def three_nodes(tmp_path: Path) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def cluster() -> Iterator[InProcessCluster]:
+    """Three in-process nodes on the memory engine (cheap; for SDK behaviour, not crashes)."""
+    nodes = InProcessCluster(["a", "b", "c"])
+    nodes.start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture
+def cluster_with_c_down() -> Iterator[InProcessCluster]:
+    nodes = InProcessCluster(["a", "b", "c"], down=("c",))
+    nodes.start()
+    yield nodes
+    nodes.stop()

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kv_client import Client
-from kv_client.local_cluster import LocalClusterError, free_port, wait_serving
-from kv_client.local_cluster import stop as stop_processes
+from kv_tools.local_cluster import LocalClusterError, free_port, wait_serving
+from kv_tools.local_cluster import stop as stop_processes
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0

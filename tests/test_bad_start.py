@@ -8,7 +8,7 @@ import pytest
 
 from harness import Cluster, run_node_command
 from kv_client import Client
-from kv_client.local_cluster import free_port
+from kv_tools.local_cluster import free_port
 
 
 def _refused(*args: str) -> str:

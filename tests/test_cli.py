@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-KV = [sys.executable, "-m", "kv_client.cli"]
+KV = [sys.executable, "-m", "kv_tools.cli"]
 
 
 def kv(*args: str, addresses: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ from grpc import StatusCode as Code
 
 from kv.v1 import kv_pb2
 from kv_client import _calls, batch
-from kv_client.cluster_map import ClusterMap, ClusterMapError, Member
 from kv_client.coalesce import CoalesceConfig, take_group
 from kv_client.errors import (
     DeadlineExceededError,
@@ -19,9 +18,10 @@ from kv_client.errors import (
     UnavailableError,
     error_from_status,
 )
-from kv_client.protocol import STALE_MAP_PREFIX
 from kv_client.retry import RetryPolicy, Safety, next_pause
 from kv_client.types import WriteResult
+from kv_common.cluster_map import ClusterMap, ClusterMapError, Member
+from kv_common.wire import STALE_MAP_PREFIX
 
 MEMBERS = (Member("a", "127.0.0.1:1"), Member("b", "127.0.0.1:2"), Member("c", "127.0.0.1:3"))
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from conftest import InProcessCluster
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kv_client.protocol import EPOCH_METADATA, HOP_METADATA, STALE_MAP_PREFIX
+from kv_common.wire import EPOCH_METADATA, HOP_METADATA, STALE_MAP_PREFIX
+from kv_node.testing import InProcessCluster
 
 
 def details(error: BaseException) -> str:

@@ -9,7 +9,6 @@ with Client("127.0.0.1:7001") as kv:
 
 from kv_client.aio import AsyncClient
 from kv_client.client import Client
-from kv_client.cluster_map import ClusterMap, Member
 from kv_client.coalesce import CoalesceConfig
 from kv_client.errors import (
     AccessDeniedError,
@@ -24,6 +23,7 @@ from kv_client.errors import (
 )
 from kv_client.retry import NO_RETRY, RetryPolicy
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
+from kv_common.cluster_map import ClusterMap, Member
 
 __all__ = [
     "NO_RETRY",

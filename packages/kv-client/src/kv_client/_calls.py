@@ -13,9 +13,9 @@ from typing import Any, Generic, TypeVar
 
 from kv.v1 import kv_pb2
 from kv_client.errors import InvalidArgumentError
-from kv_client.limits import MAX_KEY_BYTES
 from kv_client.retry import Safety
 from kv_client.types import Versioned, WriteResult
+from kv_common.limits import MAX_KEY_BYTES
 
 Out = TypeVar("Out")
 Key = str | bytes

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kv.v1 import cluster_pb2
-from kv_client.cluster_map import ClusterMap
 from kv_client.errors import InvalidArgumentError, KvError, UnavailableError
-from kv_client.protocol import EPOCH_METADATA
 from kv_client.types import NodeStatus
+from kv_common.cluster_map import ClusterMap
+from kv_common.wire import EPOCH_METADATA
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds a call may take, retries included, unless the call says otherwise."""

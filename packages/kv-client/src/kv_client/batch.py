@@ -19,9 +19,9 @@ import grpc
 
 from kv.v1 import kv_pb2
 from kv_client._calls import Key, Value, encode, encode_key
-from kv_client.cluster_map import ClusterMap
 from kv_client.errors import KvError, error_from_status, status_from_number
 from kv_client.types import Versioned, WriteResult
+from kv_common.cluster_map import ClusterMap
 
 DEFAULT_MAX_OPS = 1000
 """Operations per Batch call; matches the node's default --max-batch-ops."""

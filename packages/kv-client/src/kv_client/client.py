@@ -25,7 +25,6 @@ from kv_client._transport import (
     seed_list,
 )
 from kv_client.batch import Operation, Result
-from kv_client.cluster_map import ClusterMap, ClusterMapError
 from kv_client.coalesce import (
     DEFAULT_COALESCE,
     AttemptFailed,
@@ -37,6 +36,7 @@ from kv_client.coalesce import (
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
 from kv_client.retry import RetryPolicy, next_pause
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
+from kv_common.cluster_map import ClusterMap, ClusterMapError
 
 Out = TypeVar("Out")
 

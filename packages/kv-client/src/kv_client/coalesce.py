@@ -26,10 +26,10 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client._calls import Call
 from kv_client.batch import DEFAULT_MAX_OPS, result_error
-from kv_client.cluster_map import Limits
 from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
 from kv_client.errors import never_sent as _never_sent
-from kv_client.limits import DEFAULT_MAX_BATCH_BYTES
+from kv_common.cluster_map import Limits
+from kv_common.limits import DEFAULT_MAX_BATCH_BYTES
 
 
 @dataclass(frozen=True)

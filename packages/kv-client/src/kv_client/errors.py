@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from kv_client.protocol import STALE_MAP_PREFIX
+from kv_common.wire import STALE_MAP_PREFIX
 
 
 class KvError(Exception):

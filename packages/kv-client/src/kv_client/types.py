@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kv_common.cluster_map import Location
+
+__all__ = ["Location", "NodeStatus", "Versioned", "WriteResult"]
+
 
 @dataclass(frozen=True, slots=True)
 class Versioned:
@@ -24,17 +28,6 @@ class WriteResult:
 
     succeeded: bool
     version: int
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where a key lives: its partition and the owning node."""
-
-    key: bytes
-    partition: int
-    node_id: str
-    address: str
-    replicas: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

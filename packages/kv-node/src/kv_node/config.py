@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kv_client.cluster_map import ClusterMap, ClusterMapError, Limits, Member
-from kv_client.limits import (
+from kv_common.cluster_map import ClusterMap, ClusterMapError, Limits, Member
+from kv_common.limits import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_BATCH_OPS,
     DEFAULT_MAX_VALUE_BYTES,

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kv_client.limits import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_OPS, DEFAULT_MAX_VALUE_BYTES
-from kv_client.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES
+from kv_common.limits import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_OPS, DEFAULT_MAX_VALUE_BYTES
+from kv_common.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES
 from kv_node.config import (
     DEFAULT_DRAIN_SECONDS,
     DEFAULT_FORWARD_TIMEOUT,

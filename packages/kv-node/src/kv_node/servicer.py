@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import Message
 
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kv_client.protocol import EPOCH_METADATA, HOP_METADATA, STALE_MAP_PREFIX
+from kv_common.wire import EPOCH_METADATA, HOP_METADATA, STALE_MAP_PREFIX
 from kv_node import __version__
 from kv_node.committer import GroupCommitter
 from kv_node.config import NodeConfig

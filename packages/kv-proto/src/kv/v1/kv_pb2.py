@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ekv/v1/kv.proto\x12\x05kv.v1\"P\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x17\n\nif_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"1\n\x0bPutResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"<\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\"D\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x17\n\nif_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"C\n\x0e\x44\x65leteResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\"4\n\x0c\x42\x61tchRequest\x12$\n\noperations\x18\x01 \x03(\x0b\x32\x10.kv.v1.Operation\"}\n\tOperation\x12 \n\x03put\x18\x01 \x01(\x0b\x32\x11.kv.v1.PutRequestH\x00\x12 \n\x03get\x18\x02 \x01(\x0b\x32\x11.kv.v1.GetRequestH\x00\x12&\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x14.kv.v1.DeleteRequestH\x00\x42\x04\n\x02op\"8\n\rBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.kv.v1.OperationResult\"\xb2\x01\n\x0fOperationResult\x12!\n\x03put\x18\x01 \x01(\x0b\x32\x12.kv.v1.PutResponseH\x00\x12!\n\x03get\x18\x02 \x01(\x0b\x32\x12.kv.v1.GetResponseH\x00\x12\'\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x15.kv.v1.DeleteResponseH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.kv.v1.OperationErrorH\x00\x42\x08\n\x06result\"/\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t2\xd2\x01\n\tKVService\x12,\n\x03Put\x12\x11.kv.v1.PutRequest\x1a\x12.kv.v1.PutResponse\x12,\n\x03Get\x12\x11.kv.v1.GetRequest\x1a\x12.kv.v1.GetResponse\x12\x35\n\x06\x44\x65lete\x12\x14.kv.v1.DeleteRequest\x1a\x15.kv.v1.DeleteResponse\x12\x32\n\x05\x42\x61tch\x12\x13.kv.v1.BatchRequest\x1a\x14.kv.v1.BatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ekv/v1/kv.proto\x12\x05kv.v1\"P\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x17\n\nif_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"1\n\x0bPutResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x19\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"<\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\"D\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x17\n\nif_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\r\n\x0b_if_version\"C\n\x0e\x44\x65leteResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x04\"4\n\x0c\x42\x61tchRequest\x12$\n\noperations\x18\x01 \x03(\x0b\x32\x10.kv.v1.Operation\"}\n\tOperation\x12 \n\x03put\x18\x01 \x01(\x0b\x32\x11.kv.v1.PutRequestH\x00\x12 \n\x03get\x18\x02 \x01(\x0b\x32\x11.kv.v1.GetRequestH\x00\x12&\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x14.kv.v1.DeleteRequestH\x00\x42\x04\n\x02op\"8\n\rBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.kv.v1.OperationResult\"\xb2\x01\n\x0fOperationResult\x12!\n\x03put\x18\x01 \x01(\x0b\x32\x12.kv.v1.PutResponseH\x00\x12!\n\x03get\x18\x02 \x01(\x0b\x32\x12.kv.v1.GetResponseH\x00\x12\'\n\x06\x64\x65lete\x18\x03 \x01(\x0b\x32\x15.kv.v1.DeleteResponseH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.kv.v1.OperationErrorH\x00\x42\x08\n\x06result\"\xa7\x01\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.kv.v1.OperationError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd2\x01\n\tKVService\x12,\n\x03Put\x12\x11.kv.v1.PutRequest\x1a\x12.kv.v1.PutResponse\x12,\n\x03Get\x12\x11.kv.v1.GetRequest\x1a\x12.kv.v1.GetResponse\x12\x35\n\x06\x44\x65lete\x12\x14.kv.v1.DeleteRequest\x1a\x15.kv.v1.DeleteResponse\x12\x32\n\x05\x42\x61tch\x12\x13.kv.v1.BatchRequest\x1a\x14.kv.v1.BatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_OPERATIONERROR_METADATAENTRY']._loaded_options = None
+  _globals['_OPERATIONERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_PUTREQUEST']._serialized_start=25
   _globals['_PUTREQUEST']._serialized_end=105
   _globals['_PUTRESPONSE']._serialized_start=107
@@ -51,8 +53,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHRESPONSE']._serialized_end=623
   _globals['_OPERATIONRESULT']._serialized_start=626
   _globals['_OPERATIONRESULT']._serialized_end=804
-  _globals['_OPERATIONERROR']._serialized_start=806
-  _globals['_OPERATIONERROR']._serialized_end=853
-  _globals['_KVSERVICE']._serialized_start=856
-  _globals['_KVSERVICE']._serialized_end=1066
+  _globals['_OPERATIONERROR']._serialized_start=807
+  _globals['_OPERATIONERROR']._serialized_end=974
+  _globals['_OPERATIONERROR_METADATAENTRY']._serialized_start=927
+  _globals['_OPERATIONERROR_METADATAENTRY']._serialized_end=974
+  _globals['_KVSERVICE']._serialized_start=977
+  _globals['_KVSERVICE']._serialized_end=1187
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,95 @@
+"""Wire conventions beyond the schema: metadata keys and the error model node and SDK share.
+
+A node's refusal is a gRPC status carrying a ``google.rpc.Status`` detail with one
+``google.rpc.ErrorInfo`` (AIP-193): a stable ``reason`` and string ``metadata``. Clients
+switch on the reason, never on the message text, which is for people and may change. The
+reasons and their metadata are documented in ``proto/kv/v1/kv.proto`` and the README.
+
+Pure: this module builds and reads protobuf messages; it never makes a call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+EPOCH_METADATA = "kv-epoch"
+"""Set by a routing client to the cluster-map epoch it routed with.
+
+A node that does not own the key answers FAILED_PRECONDITION (reason STALE_MAP)
+instead of forwarding, so the client learns its map is stale (Redis MOVED, TiKV
+region errors) rather than silently paying an extra hop forever.
+"""
+
+HOP_METADATA = "kv-forwarded-by"
+"""Set by a node on a request it forwards, to the forwarding node's id.
+
+A node never forwards a request that already carries it, so a disagreement
+between cluster maps can cost one extra hop but never a loop.
+"""
+
+STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+"""The trailer in which gRPC's rich error model carries a serialized google.rpc.Status."""
+
+ERROR_DOMAIN = "kv.v1"
+"""ErrorInfo.domain of every error a kv node produces."""
+
+
+class Reason(StrEnum):
+    """ErrorInfo reasons. Adding one is compatible; renaming one is not."""
+
+    KEY_EMPTY = "KEY_EMPTY"
+    KEY_TOO_LARGE = "KEY_TOO_LARGE"
+    VALUE_TOO_LARGE = "VALUE_TOO_LARGE"
+    BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    STALE_MAP = "STALE_MAP"
+    NOT_OWNER = "NOT_OWNER"
+    OWNER_UNAVAILABLE = "OWNER_UNAVAILABLE"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The machine-readable part of a refusal: its reason and structured fields."""
+
+    reason: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def encode_status(code: int, message: str, info: ErrorInfo) -> status_pb2.Status:
+    """A google.rpc.Status for ``code`` (a grpc status number) carrying ``info``."""
+    detail = error_details_pb2.ErrorInfo(
+        reason=info.reason, domain=ERROR_DOMAIN, metadata=dict(info.metadata)
+    )
+    status = status_pb2.Status(code=code, message=message)
+    status.details.add().Pack(detail)
+    return status
+
+
+def decode_status_details(trailers: Sequence[tuple[str, str | bytes]] | None) -> ErrorInfo | None:
+    """The ErrorInfo in a call's trailing metadata; None when absent or unreadable.
+
+    A detail from another domain (a proxy, gRPC itself) is ignored: its reasons are not ours.
+    """
+    for key, value in trailers or ():
+        if key != STATUS_DETAILS_METADATA or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except DecodeError:
+            return None
+        for any_detail in status.details:
+            detail = error_details_pb2.ErrorInfo()
+            if any_detail.Unpack(detail) and detail.domain == ERROR_DOMAIN:
+                return ErrorInfo(detail.reason, dict(detail.metadata))
+    return None
+
+
+STALE_MAP_PREFIX = "stale cluster map"
+"""FAILED_PRECONDITION messages that mean "refresh your map and retry" start with this."""

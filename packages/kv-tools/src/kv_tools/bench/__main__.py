@@ -1,0 +1,124 @@
+"""``python -m kv_tools.bench``: run a benchmark suite against servers it starts itself."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kv_tools.bench.cli import parse_levels
+from kv_tools.bench.memory import measure_engine
+from kv_tools.bench.report import machine, write_all
+from kv_tools.bench.servers import Servers
+from kv_tools.bench.suite import TARGETS, configs, ratios, run_suite
+
+SUITES: dict[str, dict[str, Any]] = {
+    # ~1-2 minutes on 2 cores: the headline configurations and every ratio, small memory fill.
+    "smoke": {"duration": 1.5, "rounds": 3, "warmup": 0.3, "keyspace": 10_000, "memory": 50_000},
+    # The sweep, YCSB A/B/C, and the 1M-key memory figure.
+    "full": {
+        "duration": 5.0,
+        "rounds": 3,
+        "warmup": 1.0,
+        "keyspace": 100_000,
+        "memory": 1_000_000,
+    },
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kv_tools.bench",
+        description="Benchmark kv against an echo floor, etcd and Redis (servers started here).",
+    )
+    p.add_argument("--suite", choices=tuple(SUITES), default="smoke")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.{json,md,png}")
+    p.add_argument("--duration", type=float, help="measured seconds per configuration and round")
+    p.add_argument("--rounds", type=int, help="rounds (each figure is a median over them)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each measurement")
+    p.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=[1, 16, 64],
+        help="concurrency levels of the full suite's sweep; 64 (or the largest) is the headline",
+    )
+    p.add_argument("--keyspace", type=int, help="keys the workloads choose from")
+    p.add_argument(
+        "--memory-keys", type=int, help="keys to fill for the bytes/key figure (0 skips it)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only configurations whose label contains TEXT (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    return p
+
+
+async def _main(args: argparse.Namespace) -> int:
+    preset = SUITES[args.suite]
+    duration = args.duration or preset["duration"]
+    rounds = args.rounds or preset["rounds"]
+    warmup = preset["warmup"] if args.warmup is None else args.warmup
+    keyspace = args.keyspace or preset["keyspace"]
+    memory_keys = preset["memory"] if args.memory_keys is None else args.memory_keys
+    plan = configs(args.suite, args.concurrency)
+    if args.only:
+        plan = [c for c in plan if any(text in c.label for text in args.only)]
+    began = time.monotonic()
+    loadavg_before = os.getloadavg()[0]
+    info = machine()
+    print(f"kv bench: suite {args.suite}, {len(plan)} configurations x {rounds} rounds")
+    with Servers() as servers:
+        result = await run_suite(
+            servers,
+            plan,
+            ratios(args.concurrency),
+            rounds=rounds,
+            duration=duration,
+            warmup=warmup,
+            keyspace=keyspace,
+            seed=args.seed,
+        )
+        if memory_keys > 0:
+            for engine in ("memory", "lmdb"):
+                print(f"memory: filling a {engine} node with {memory_keys:,} keys")
+                try:
+                    measured = await measure_engine(servers, engine, memory_keys)
+                except Exception as exc:
+                    measured = {"engine": engine, "error": str(exc)}
+                print(f"  {measured}")
+                result.memory.append(measured)
+    result.settings["loadavg_before"] = loadavg_before
+    result.settings["loadavg_after"] = os.getloadavg()[0]
+    result.settings["suite"] = args.suite
+    result.settings["targets"] = {name: t.description for name, t in TARGETS.items()}
+    result.settings["wall_seconds"] = round(time.monotonic() - began, 1)
+    text, written = write_all(result, args.out, f"kv benchmark ({args.suite})", info)
+    print()
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in written))
+    errors = sum(a.errors for a in result.aggregates.values())
+    if errors:
+        print(f"kv bench: {errors} operations failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

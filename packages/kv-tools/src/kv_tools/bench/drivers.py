@@ -1,0 +1,405 @@
+"""Drivers: one async interface over every system the bench can load.
+
+``setup`` connects (and checks the target answers), ``put``/``get`` are one operation in one
+request, ``batch`` is many operations in one request (returns how many of them failed), and
+``close`` releases connections. ``run`` picks unary or batch by the number of operations.
+
+* ``StubDriver``   kv.v1 through a raw generated stub on one channel: the echo server, or a
+                   kv node that forwards whatever it does not own ("via one node").
+* ``SdkDriver``    kv through ``kv_client.AsyncClient``: routes each key to its owner.
+* ``EtcdDriver``   etcd v3's gRPC KV API, messages encoded by hand (no etcd protos needed).
+* ``RedisDriver``  Redis through redis-py's asyncio client; batches are pipelines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from kv.v1 import kv_pb2, kv_pb2_grpc
+from kv_client._transport import CHANNEL_OPTIONS
+from kv_client.aio import AsyncClient
+from kv_common.wire import EPOCH_METADATA
+from kv_tools.bench.workload import GET, PUT, Op
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class DriverError(Exception):
+    """A target that cannot be driven (not reachable, or answers wrongly)."""
+
+
+class Driver:
+    """The interface every target implements."""
+
+    name = "driver"
+
+    async def setup(self) -> None:
+        """Connect and check that the target answers."""
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        raise NotImplementedError
+
+    async def get(self, key: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    async def batch(self, ops: Sequence[Op]) -> int:
+        """Run ``ops`` in one request; returns how many of them failed."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def run(self, ops: Sequence[Op]) -> int:
+        if len(ops) == 1:
+            op = ops[0]
+            if op.kind == PUT:
+                await self.put(op.key, op.value)
+            else:
+                await self.get(op.key)
+            return 0
+        return await self.batch(ops)
+
+
+def _batch_request(ops: Sequence[Op]) -> kv_pb2.BatchRequest:
+    return kv_pb2.BatchRequest(
+        operations=[
+            kv_pb2.Operation(put=kv_pb2.PutRequest(key=op.key, value=op.value))
+            if op.kind == PUT
+            else kv_pb2.Operation(get=kv_pb2.GetRequest(key=op.key))
+            for op in ops
+        ]
+    )
+
+
+def _failed(response: kv_pb2.BatchResponse, expected: int) -> int:
+    if len(response.results) != expected:
+        raise DriverError(f"batch of {expected} got {len(response.results)} results")
+    return sum(1 for r in response.results if r.WhichOneof("result") == "error")
+
+
+class StubDriver(Driver):
+    """kv.v1 over one channel to one address, no routing."""
+
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.name = f"stub:{address}"
+        self._address = address
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: kv_pb2_grpc.KVServiceAsyncStub | None = None
+
+    async def setup(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+        self._stub = kv_pb2_grpc.KVServiceStub(self._channel)
+        try:
+            await self._stub.Get(
+                kv_pb2.GetRequest(key=b"bench-probe"), timeout=self._timeout, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            raise DriverError(f"{self._address} does not answer kv.v1 Get: {exc}") from None
+
+    def _kv(self) -> kv_pb2_grpc.KVServiceAsyncStub:
+        if self._stub is None:
+            raise DriverError("driver used before setup()")
+        return self._stub
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self._kv().Put(kv_pb2.PutRequest(key=key, value=value), timeout=self._timeout)
+
+    async def get(self, key: bytes) -> bytes | None:
+        response = await self._kv().Get(kv_pb2.GetRequest(key=key), timeout=self._timeout)
+        return response.value if response.found else None
+
+    async def batch(self, ops: Sequence[Op]) -> int:
+        response = await self._kv().Batch(_batch_request(ops), timeout=self._timeout)
+        return _failed(response, len(ops))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+
+
+class SdkDriver(Driver):
+    """kv through the SDK's ``AsyncClient`` (direct routing to each key's owner).
+
+    Batches use the SDK's own batch API when it has one (``batch``, else ``put_many`` /
+    ``get_many``); an SDK without it gets batches split by owner with the SDK's cluster map
+    and sent as raw Batch calls marked as routed, which is what an SDK batch does on the
+    wire. ``coalesce=False`` turns the SDK's request coalescing off, when it has any.
+    """
+
+    def __init__(
+        self, addresses: str, *, timeout: float = DEFAULT_TIMEOUT, coalesce: bool = True
+    ) -> None:
+        self.name = f"sdk:{addresses}"
+        self._addresses = addresses
+        self._timeout = timeout
+        self._coalesce = coalesce
+        self._client: AsyncClient | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, kv_pb2_grpc.KVServiceAsyncStub] = {}
+        self._batch_api: Any = None
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:
+            raise DriverError("driver used before setup()")
+        return self._client
+
+    async def setup(self) -> None:
+        options: dict[str, Any] = {"timeout": self._timeout}
+        if not self._coalesce and "coalesce" in inspect.signature(AsyncClient).parameters:
+            options["coalesce"] = None
+        self._client = AsyncClient(self._addresses, **options)
+        if hasattr(self._client, "batch"):
+            with contextlib.suppress(ImportError):
+                self._batch_api = importlib.import_module("kv_client.batch")
+        try:
+            await self._client.cluster_map(refresh=True)
+            await self._client.get(b"bench-probe")
+        except Exception as exc:
+            raise DriverError(f"the SDK cannot reach {self._addresses}: {exc}") from None
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self.client.put(key, value)
+
+    async def get(self, key: bytes) -> bytes | None:
+        return await self.client.get(key)
+
+    async def batch(self, ops: Sequence[Op]) -> int:
+        client: Any = self.client
+        api = self._batch_api
+        if api is not None:
+            results = await client.batch(
+                [api.Put(op.key, op.value) if op.kind == PUT else api.Get(op.key) for op in ops]
+            )
+            return sum(1 for r in results if isinstance(r, Exception))
+        kinds = {op.kind for op in ops}
+        if kinds == {PUT} and hasattr(client, "put_many"):
+            await client.put_many([(op.key, op.value) for op in ops])
+            return 0
+        if kinds == {GET} and hasattr(client, "get_many"):
+            await client.get_many([op.key for op in ops])
+            return 0
+        return await self._routed_batch(ops)
+
+    def _stub(self, address: str) -> kv_pb2_grpc.KVServiceAsyncStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+            stub = self._stubs[address] = kv_pb2_grpc.KVServiceStub(channel)
+        return stub
+
+    async def _routed_batch(self, ops: Sequence[Op]) -> int:
+        cluster_map = await self.client.cluster_map()
+        groups: defaultdict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            groups[cluster_map.owner_of(op.key)[1]].append(op)
+        metadata = ((EPOCH_METADATA, str(cluster_map.epoch)),)
+
+        async def send(address: str, group: list[Op]) -> int:
+            response = await self._stub(address).Batch(
+                _batch_request(group), timeout=self._timeout, metadata=metadata
+            )
+            return _failed(response, len(group))
+
+        if len(groups) == 1:
+            ((address, group),) = groups.items()
+            return await send(address, group)
+        failed = await asyncio.gather(*(send(a, g) for a, g in groups.items()))
+        return sum(failed)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        for channel in self._channels.values():
+            await channel.close()
+        self._client = None
+        self._channels.clear()
+        self._stubs.clear()
+
+
+# --- etcd: protobuf wire format by hand -------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _len_field(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def parse_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """Top-level fields of a protobuf message as (number, value) pairs."""
+    fields: list[tuple[int, int | bytes]] = []
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = result = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+
+    while pos < len(data):
+        tag = varint()
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            fields.append((number, varint()))
+        elif wire == 2:
+            length = varint()
+            fields.append((number, data[pos : pos + length]))
+            pos += length
+        elif wire == 1:
+            fields.append((number, int.from_bytes(data[pos : pos + 8], "little")))
+            pos += 8
+        elif wire == 5:
+            fields.append((number, int.from_bytes(data[pos : pos + 4], "little")))
+            pos += 4
+        else:
+            raise DriverError(f"unsupported protobuf wire type {wire}")
+    return fields
+
+
+def etcd_put_request(key: bytes, value: bytes) -> bytes:
+    """etcdserverpb.PutRequest{key = 1, value = 2}."""
+    return _len_field(1, key) + _len_field(2, value)
+
+
+def etcd_range_request(key: bytes) -> bytes:
+    """etcdserverpb.RangeRequest{key = 1}."""
+    return _len_field(1, key)
+
+
+def etcd_txn_request(ops: Sequence[Op]) -> bytes:
+    """etcdserverpb.TxnRequest{success = 2: RequestOp{request_range = 1 | request_put = 2}}."""
+    parts = []
+    for op in ops:
+        if op.kind == PUT:
+            request_op = _len_field(2, etcd_put_request(op.key, op.value))
+        else:
+            request_op = _len_field(1, etcd_range_request(op.key))
+        parts.append(_len_field(2, request_op))
+    return b"".join(parts)
+
+
+def etcd_range_value(response: bytes) -> bytes | None:
+    """The value of the first KeyValue (kvs = 2; KeyValue.value = 5) of a RangeResponse."""
+    for number, field in parse_fields(response):
+        if number == 2 and isinstance(field, bytes):
+            for inner, value in parse_fields(field):
+                if inner == 5 and isinstance(value, bytes):
+                    return value
+            return b""
+    return None
+
+
+class EtcdDriver(Driver):
+    """etcd v3 KV over gRPC: Put, Range, and Txn for batches (atomic, at most 128 ops by
+    default, keys deduplicated because etcd rejects a txn that writes one key twice)."""
+
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.name = f"etcd:{address}"
+        self._address = address
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._put: Any = None
+        self._range: Any = None
+        self._txn: Any = None
+
+    async def setup(self) -> None:
+        channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+        self._channel = channel
+        self._put = channel.unary_unary("/etcdserverpb.KV/Put")
+        self._range = channel.unary_unary("/etcdserverpb.KV/Range")
+        self._txn = channel.unary_unary("/etcdserverpb.KV/Txn")
+        try:
+            await self._range(
+                etcd_range_request(b"bench-probe"), timeout=self._timeout, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            raise DriverError(f"etcd at {self._address} does not answer Range: {exc}") from None
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self._put(etcd_put_request(key, value), timeout=self._timeout)
+
+    async def get(self, key: bytes) -> bytes | None:
+        return etcd_range_value(await self._range(etcd_range_request(key), timeout=self._timeout))
+
+    async def batch(self, ops: Sequence[Op]) -> int:
+        unique = list({(op.kind, op.key): op for op in ops}.values())
+        await self._txn(etcd_txn_request(unique), timeout=self._timeout)
+        return 0
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+
+
+class RedisDriver(Driver):
+    """Redis through redis-py's asyncio client: SET/GET, batches as non-transactional
+    pipelines of the same size."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.name = f"redis:{host}:{port}"
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+        self._redis: Any = None
+
+    async def setup(self) -> None:
+        try:
+            # Optional (the `bench` dependency group): imported untyped, only when used.
+            aioredis: Any = importlib.import_module("redis.asyncio")
+        except ImportError:
+            raise DriverError("redis-py is not installed (pip install redis)") from None
+        self._redis = aioredis.Redis(host=self._host, port=self._port, socket_timeout=self._timeout)
+        try:
+            await self._redis.ping()
+        except Exception as exc:
+            raise DriverError(f"redis at {self._host}:{self._port}: {exc}") from None
+
+    async def put(self, key: bytes, value: bytes) -> None:
+        await self._redis.set(key, value)
+
+    async def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = await self._redis.get(key)
+        return value
+
+    async def batch(self, ops: Sequence[Op]) -> int:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for op in ops:
+                if op.kind == PUT:
+                    pipe.set(op.key, op.value)
+                else:
+                    pipe.get(op.key)
+            results = await pipe.execute(raise_on_error=False)
+        return sum(1 for r in results if isinstance(r, Exception))
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._redis = None
