@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
 import threading
 import time
@@ -16,7 +15,7 @@ from kv_common.cluster_map import ClusterMap
 from kv_common.limits import MAX_KEY_BYTES
 from kv_common.wire import EPOCH_METADATA, HOP_METADATA, ErrorInfo, Reason, decode_status_details
 from kv_node import routing
-from kv_node.testing import InProcessCluster
+from kv_node.testing import HungOwner, InProcessCluster
 
 
 def details(error: BaseException) -> str:
@@ -111,33 +110,10 @@ def test_unreachable_owner_is_named_and_fails_fast(
 
 
 @pytest.fixture
-def silent_owner() -> Iterator[str]:
-    """A TCP listener that accepts connections and never answers: a hung node."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:  # the listener was closed: the test is over
-                return
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    listener.shutdown(socket.SHUT_RDWR)
-    listener.close()
-    thread.join(timeout=5)
-    for conn in accepted:
-        conn.close()
-
-
-@pytest.fixture
-def hung_b(silent_owner: str) -> Iterator[InProcessCluster]:
-    """Node a, with its peer b a listener that never answers."""
+def hung_b(hung_owner: HungOwner) -> Iterator[InProcessCluster]:
+    """Node a, with its peer b a server that accepts calls and never answers."""
     nodes = InProcessCluster(
-        ["a", "b"], down=("b",), addresses={"b": silent_owner}, forward_timeout=60.0
+        ["a", "b"], down=("b",), addresses={"b": hung_owner.address}, forward_timeout=60.0
     )
     nodes.start()
     try:
@@ -263,13 +239,13 @@ def test_an_unexpected_failure_is_internal_and_counted_as_such(
 
 
 def test_a_burst_beyond_the_bound_is_refused_promptly_as_overloaded(
-    silent_owner: str,
+    hung_owner: HungOwner,
 ) -> None:
     bound, burst = 4, 20
     nodes = InProcessCluster(
         ["a", "b"],
         down=("b",),
-        addresses={"b": silent_owner},
+        addresses={"b": hung_owner.address},
         forward_timeout=60.0,
         max_in_flight=bound,
     )
@@ -296,7 +272,9 @@ def test_a_burst_beyond_the_bound_is_refused_promptly_as_overloaded(
         for call in calls:
             call.add_done_callback(done)
         assert refused_all.wait(timeout=30), f"only {len(refused)} refused"
-        # The admitted calls are still hanging on the owner: the refusals were prompt.
+        # The admitted calls are held by the owner, which answers none until the test
+        # ends: the refusals came while the bound was full, not after a timeout.
+        assert hung_owner.wait_holding(bound)
         assert sum(not call.done() for call in calls) == bound
         for error in refused:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -10,9 +10,13 @@ import asyncio
 import contextlib
 import socket
 import threading
+from concurrent import futures
 from concurrent.futures import Future
 from typing import Any
 
+import grpc
+
+from kv.v1 import kv_pb2
 from kv_node.config import NodeConfig
 from kv_node.server import NodeServer
 from kv_node.store.memory import MemoryStore
@@ -25,6 +29,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         port: int = sock.getsockname()[1]
         return port
 
+
+HUNG_OWNER_THREADS = 64
+"""Calls a ``HungOwner`` can hold at once (more than any test sends it)."""
 
 TEST_SETTINGS: dict[str, Any] = {
     "engine": "memory",
@@ -106,3 +113,54 @@ class InProcessCluster:
             if self.owner(key) == node_id:
                 return key
         raise AssertionError(f"no key found for {node_id}")
+
+
+class HungOwner:
+    """A gRPC server that accepts every KV call and answers none until the test ends.
+
+    Tests wait on ``wait_holding`` (an event, not a sleep) to know that calls reached it.
+    """
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self._holding = 0
+        self._changed = threading.Condition()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=HUNG_OWNER_THREADS))
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._hang,
+                request_deserializer=request.FromString,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+            for name, request in (
+                ("Get", kv_pb2.GetRequest),
+                ("Put", kv_pb2.PutRequest),
+                ("Delete", kv_pb2.DeleteRequest),
+                ("Batch", kv_pb2.BatchRequest),
+            )
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("kv.v1.KVService", handlers),)
+        )
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _hang(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._changed:
+            self._holding += 1
+            self._changed.notify_all()
+        try:
+            self.release.wait()
+            context.abort(grpc.StatusCode.UNAVAILABLE, "hung owner released")
+        finally:
+            with self._changed:
+                self._holding -= 1
+                self._changed.notify_all()
+
+    def wait_holding(self, count: int, timeout: float = 30.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._holding >= count, timeout=timeout)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.stop(grace=None)
