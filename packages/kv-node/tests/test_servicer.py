@@ -473,3 +473,12 @@ def test_cluster_map_and_node_status(
     assert status.node_id == "b" and status.engine == "memory"
     assert status.address == cluster.addresses["b"]
     assert status.requests_served == 6  # the map calls above; this one is counted after
+
+
+def test_a_draining_node_refuses_new_calls_as_shutting_down(cluster: InProcessCluster) -> None:
+    cluster.servers["a"].node.draining = True
+    with pytest.raises(grpc.RpcError) as info:
+        stub(cluster, "a").Get(kv_pb2.GetRequest(key=b"k"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(info.value).reason == Reason.SHUTTING_DOWN
+    assert cluster.servers["a"].node.store.count() == 0

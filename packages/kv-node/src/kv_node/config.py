@@ -146,7 +146,9 @@ class Flag:
 
 
 def _required() -> Any:
-    return field(metadata={"help": "this node's id, unique in the cluster", "name": "--id"})
+    return field(
+        metadata={"help": "this node's id, unique in the cluster", "name": "--id", "metavar": "ID"}
+    )
 
 
 @dataclass(frozen=True)
