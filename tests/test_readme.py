@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import Cluster
+from kv_node.config import config_flags
 
 README = Path(__file__).parent.parent / "README.md"
 README_ADDRESS = "127.0.0.1:7001"
@@ -115,3 +116,12 @@ def test_readme_names_the_health_probe_with_the_same_address() -> None:
     assert re.search(
         rf"^grpc_health_probe -addr={re.escape(README_ADDRESS)}$", README.read_text(), re.M
     )
+
+
+def test_readme_documents_every_node_flag() -> None:
+    """The flag table is the one place besides NodeConfig that names every flag."""
+    text = README.read_text()
+    table = text[text.index("| flag | default | meaning |") :]
+    table = table[: table.index("\n\n")]
+    for flag in config_flags():
+        assert f"`{flag.name}`" in table, f"{flag.name} is missing from the README's flag table"
