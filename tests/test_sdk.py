@@ -73,7 +73,7 @@ def test_a_stale_map_is_refreshed_transparently(cluster: InProcessCluster) -> No
     with Client(cluster.addresses["a"]) as kv:
         real = kv.cluster_map()
         # Pretend the client knew an older placement: most keys now route wrongly.
-        kv._map = ClusterMap.build(
+        kv._maps.current = ClusterMap.build(
             epoch=0,
             members=real.members,
             partitions=real.partitions,
@@ -202,7 +202,7 @@ def test_async_batch_api(cluster: InProcessCluster) -> None:
 def test_batch_resends_what_a_stale_map_sent_to_the_wrong_node(cluster: InProcessCluster) -> None:
     with Client(cluster.addresses["a"]) as kv:
         real = kv.cluster_map()
-        kv._map = ClusterMap.build(
+        kv._maps.current = ClusterMap.build(
             epoch=0,
             members=real.members,
             partitions=real.partitions,
