@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -55,15 +56,22 @@ def flavour(request: pytest.FixtureRequest) -> str:
     return flavour
 
 
-class AnswerLoss:
-    """Loses the answer of the first call of each named method, after the node applied it."""
+class Wire:
+    """What a client sends, by method; and the first answer of each ``lose`` method lost.
 
-    def __init__(self, *methods: str) -> None:
-        self.pending = set(methods)
+    An answer is lost after the node applied the request, as when a connection
+    drops after the send.
+    """
+
+    def __init__(self, *lose: str) -> None:
+        self.sent: Counter[str] = Counter()
+        self.pending = set(lose)
         self.lost: list[str] = []
 
-    def take(self, method: str | bytes) -> bool:
+    def loses(self, method: str | bytes) -> bool:
+        """Count a call of ``method``; True when its answer is to be lost."""
         name = (method.decode() if isinstance(method, bytes) else method).rsplit("/", 1)[-1]
+        self.sent[name] += 1
         if name not in self.pending:
             return False
         self.pending.discard(name)
@@ -82,25 +90,25 @@ class LostAnswer(grpc.RpcError):
         return ()
 
 
-class SyncLoss(grpc.UnaryUnaryClientInterceptor):
-    def __init__(self, loss: AnswerLoss) -> None:
-        self.loss = loss
+class SyncTap(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         outcome = continuation(details, request)
-        if self.loss.take(details.method):
+        if self.wire.loses(details.method):
             outcome.result()  # the node has answered: the request ran
             raise LostAnswer()
         return outcome
 
 
-class AsyncLoss(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, loss: AnswerLoss) -> None:
-        self.loss = loss
+class AsyncTap(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         call = await continuation(details, request)
-        if self.loss.take(details.method):
+        if self.wire.loses(details.method):
             await call  # the node has answered: the request ran
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -111,19 +119,19 @@ class AsyncLoss(grpc.aio.UnaryUnaryClientInterceptor):
         return call
 
 
-class LossyClient(Client):
-    loss = AnswerLoss()
+class TappedClient(Client):
+    wire = Wire()
 
     def _open_channel(self, address: str) -> grpc.Channel:
-        return grpc.intercept_channel(super()._open_channel(address), SyncLoss(self.loss))
+        return grpc.intercept_channel(super()._open_channel(address), SyncTap(self.wire))
 
 
-class LossyAsyncClient(AsyncClient):
-    loss = AnswerLoss()
+class TappedAsyncClient(AsyncClient):
+    wire = Wire()
 
     def _open_channel(self, address: str) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(
-            address, options=CHANNEL_OPTIONS, interceptors=[AsyncLoss(self.loss)]
+            address, options=CHANNEL_OPTIONS, interceptors=[AsyncTap(self.wire)]
         )
 
 
@@ -149,17 +157,17 @@ def run(
     address: str,
     scenario: Scenario[T],
     *,
-    loss: AnswerLoss | None = None,
+    wire: Wire | None = None,
     **options: Any,
 ) -> T:
     """Run ``scenario`` with a client of ``flavour`` bootstrapped from ``address``."""
 
     async def main() -> T:
         if flavour == "async":
-            kind = type("Lossy", (LossyAsyncClient,), {"loss": loss}) if loss else AsyncClient
+            kind = type("Tapped", (TappedAsyncClient,), {"wire": wire}) if wire else AsyncClient
             async with kind(address, **options) as kv:
                 return await scenario(kv)
-        sync_kind = type("Lossy", (LossyClient,), {"loss": loss}) if loss else Client
+        sync_kind = type("Tapped", (TappedClient,), {"wire": wire}) if wire else Client
         with sync_kind(address, **options) as client:
             return await scenario(cast(AsyncClient, ThreadedClient(client)))
 
@@ -273,6 +281,29 @@ def test_batch_returns_every_result_type_in_place(
     run(flavour, cluster.addresses["a"], scenario, timeout=3.0)
 
 
+def test_calls_that_find_the_map_stale_together_share_one_refresh(
+    flavour: str, cluster: InProcessCluster
+) -> None:
+    wire = Wire()
+
+    async def scenario(kv: AsyncClient) -> None:
+        real = await kv.cluster_map()
+        stale = stale_map(real)
+        kv._maps.current = stale
+        moved = [
+            key
+            for key in (f"sf-{i}" for i in range(400))
+            if stale.owner_of(key.encode()) != real.owner_of(key.encode())
+        ][:30]
+        assert len(moved) == 30
+        assert await asyncio.gather(*(kv.get(key) for key in moved)) == [None] * 30
+        assert kv._maps.current.epoch == real.epoch
+
+    run(flavour, cluster.addresses["a"], scenario, wire=wire, coalesce=None)
+    assert wire.sent["Get"] > 30, "some gets were refused for the stale map, then resent"
+    assert wire.sent["GetClusterMap"] == 2, "one to bootstrap, one shared refresh"
+
+
 def test_a_stale_map_is_refreshed_and_the_write_resent(
     flavour: str, cluster: InProcessCluster, writes: list[object]
 ) -> None:
@@ -297,37 +328,37 @@ def test_a_stale_map_is_refreshed_and_the_write_resent(
 def test_a_put_whose_answer_was_lost_is_not_resent(
     flavour: str, cluster: InProcessCluster, writes: list[object]
 ) -> None:
-    loss = AnswerLoss("Put")
+    wire = Wire("Put")
 
     async def scenario(kv: AsyncClient) -> None:
         error = await raises(UnavailableError)(kv.put("ambiguous", "1"))
         assert LOST_ANSWER in error.message and error.reason is None
         assert await kv.get("ambiguous") == b"1", "it did apply: the outcome was unknown"
 
-    run(flavour, cluster.addresses["a"], scenario, loss=loss)
-    assert loss.lost == ["Put"]
+    run(flavour, cluster.addresses["a"], scenario, wire=wire)
+    assert wire.lost == ["Put"]
     assert len(writes) == 1, "never sent twice"
 
 
 def test_a_delete_whose_answer_was_lost_is_not_resent(
     flavour: str, cluster: InProcessCluster, writes: list[object]
 ) -> None:
-    loss = AnswerLoss("Delete")
+    wire = Wire("Delete")
 
     async def scenario(kv: AsyncClient) -> None:
         await kv.put("doomed", "1")
         await raises(UnavailableError)(kv.delete("doomed"))
         assert await kv.get("doomed") is None
 
-    run(flavour, cluster.addresses["a"], scenario, loss=loss)
-    assert loss.lost == ["Delete"]
+    run(flavour, cluster.addresses["a"], scenario, wire=wire)
+    assert wire.lost == ["Delete"]
     assert len(writes) == 2, "one put, one delete: never sent twice"
 
 
 def test_a_retried_conditional_write_reports_its_own_version(
     flavour: str, cluster: InProcessCluster, writes: list[object]
 ) -> None:
-    loss = AnswerLoss("Put")
+    wire = Wire("Put")
 
     async def scenario(kv: AsyncClient) -> None:
         result = await kv.put_if_absent("cas", "mine")
@@ -337,8 +368,8 @@ def test_a_retried_conditional_write_reports_its_own_version(
             "the first attempt applied; the retry sees the version it wrote itself"
         )
 
-    run(flavour, cluster.addresses["a"], scenario, loss=loss)
-    assert loss.lost == ["Put"]
+    run(flavour, cluster.addresses["a"], scenario, wire=wire)
+    assert wire.lost == ["Put"]
     assert len(writes) == 2, "a conditional write is retried"
 
 

@@ -83,6 +83,7 @@ def drive(
         if isinstance(action, NeedMap):
             trace.append("map!" if action.refresh else "map")
             assert action.deadline == run.deadline
+            assert action.stale_epoch == (MAP.epoch if action.refresh else None)
             now += map_seconds
             if action.refresh and script and isinstance(script[0], MapDown):
                 script.pop(0)

@@ -49,6 +49,17 @@ def test_a_failed_fetch_reaches_its_joiners_and_keeps_the_old_map() -> None:
     assert cache.want(refresh=False, deadline=1.0) == Use(old)
 
 
+def test_a_caller_refused_for_an_older_map_uses_the_newer_one() -> None:
+    cache = MapCache(SEEDS)
+    cache.want(refresh=False, deadline=1.0)
+    fresh = cluster_map(3)
+    cache.finish(fresh)
+    assert cache.want(refresh=True, deadline=1.0, stale_epoch=2) == Use(fresh)
+    assert isinstance(cache.want(refresh=True, deadline=1.0, stale_epoch=3), Fetch), (
+        "refused with the map we have: only a fetch can help"
+    )
+
+
 def test_a_map_never_replaces_a_newer_one() -> None:
     cache = MapCache(SEEDS)
     cache.want(refresh=True, deadline=1.0)

@@ -191,8 +191,13 @@ class AsyncClient:
         run = batch.BatchRun(
             operations, max_ops=self._max_batch_ops, budget=budget, now=time.monotonic()
         )
+        cluster_map: ClusterMap | None = None
         while True:
-            cluster_map = await self._cluster_map(refresh=run.round > 0, deadline=run.deadline)
+            cluster_map = await self._cluster_map(
+                refresh=cluster_map is not None,
+                deadline=run.deadline,
+                stale_epoch=cluster_map.epoch if cluster_map is not None else None,
+            )
             chunks = run.chunks(cluster_map)
             md = routed_metadata(cluster_map, metadata)
             timeout = run.remaining(time.monotonic())
@@ -258,8 +263,10 @@ class AsyncClient:
             stub = self._kv[address] = kv_pb2_grpc.KVServiceStub(self._channel(address))
         return stub
 
-    async def _cluster_map(self, *, refresh: bool, deadline: float) -> ClusterMap:
-        step = self._maps.want(refresh=refresh, deadline=deadline)
+    async def _cluster_map(
+        self, *, refresh: bool, deadline: float, stale_epoch: int | None = None
+    ) -> ClusterMap:
+        step = self._maps.want(refresh=refresh, deadline=deadline, stale_epoch=stale_epoch)
         if isinstance(step, Use):
             return step.cluster_map
         if isinstance(step, Fetch):
@@ -351,7 +358,9 @@ class AsyncClient:
             elif isinstance(action, NeedMap):
                 try:
                     cluster_map = await self._cluster_map(
-                        refresh=action.refresh, deadline=action.deadline
+                        refresh=action.refresh,
+                        deadline=action.deadline,
+                        stale_epoch=action.stale_epoch,
                     )
                 except KvError as error:
                     action = run.map_failed(error)

@@ -34,10 +34,14 @@ LaneKey = tuple[str, int]
 
 @dataclass(frozen=True, slots=True)
 class NeedMap:
-    """Get the cluster map (a fresh one when ``refresh``) by ``deadline``; report it."""
+    """Get the cluster map (a fresh one when ``refresh``) by ``deadline``; report it.
+
+    ``stale_epoch`` is the epoch of the map a node refused (see ``MapCache.want``).
+    """
 
     refresh: bool
     deadline: float
+    stale_epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +154,8 @@ class CallRun(Generic[Out]):
         self.attempt += 1
         if error.invalid_metadata:
             self._pause_after_map = pause
-            return NeedMap(refresh=True, deadline=self.deadline)
+            epoch = self._map.epoch if self._map is not None else None
+            return NeedMap(refresh=True, deadline=self.deadline, stale_epoch=epoch)
         return Wait(pause)
 
     def _send(self, now: float) -> Send | Fail:

@@ -201,8 +201,13 @@ class Client:
         run = batch.BatchRun(
             operations, max_ops=self._max_batch_ops, budget=budget, now=time.monotonic()
         )
+        cluster_map: ClusterMap | None = None
         while True:
-            cluster_map = self._cluster_map(refresh=run.round > 0, deadline=run.deadline)
+            cluster_map = self._cluster_map(
+                refresh=cluster_map is not None,
+                deadline=run.deadline,
+                stale_epoch=cluster_map.epoch if cluster_map is not None else None,
+            )
             md = routed_metadata(cluster_map, metadata)
             calls = [
                 (
@@ -267,9 +272,11 @@ class Client:
             stub = self._kv[address] = kv_pb2_grpc.KVServiceStub(self._channel(address))
         return stub
 
-    def _cluster_map(self, *, refresh: bool, deadline: float) -> ClusterMap:
+    def _cluster_map(
+        self, *, refresh: bool, deadline: float, stale_epoch: int | None = None
+    ) -> ClusterMap:
         with self._lock:
-            step = self._maps.want(refresh=refresh, deadline=deadline)
+            step = self._maps.want(refresh=refresh, deadline=deadline, stale_epoch=stale_epoch)
             if isinstance(step, Use):
                 return step.cluster_map
             if isinstance(step, Join):
@@ -354,7 +361,9 @@ class Client:
             elif isinstance(action, NeedMap):
                 try:
                     cluster_map = self._cluster_map(
-                        refresh=action.refresh, deadline=action.deadline
+                        refresh=action.refresh,
+                        deadline=action.deadline,
+                        stale_epoch=action.stale_epoch,
                     )
                 except KvError as error:
                     action = run.map_failed(error)

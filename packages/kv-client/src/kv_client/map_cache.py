@@ -3,8 +3,9 @@
 Pure: the clients perform the fetches. Two decisions live here:
 
 - single flight: while one caller fetches, every other caller that needs a map
-  joins that fetch instead of starting its own (many calls that hit a stale map
-  at once cost the cluster one ``GetClusterMap``, not one each);
+  joins that fetch instead of starting its own, and a caller refused for a map
+  older than the one now cached just uses the cached one (many calls that hit a
+  stale map at once cost the cluster one ``GetClusterMap``, not one each);
 - where to ask: known members first, then the seeds, each for at most
   ``MAP_FETCH_TIMEOUT`` and never past the caller's deadline; a map never
   replaces one with a higher epoch.
@@ -91,10 +92,19 @@ class MapCache:
     def fetching(self) -> bool:
         return self._fetching
 
-    def want(self, *, refresh: bool, deadline: float) -> Use | Fetch | Join:
-        """What a caller that needs a map (a fresh one if ``refresh``) does now."""
-        if self.current is not None and not refresh:
-            return Use(self.current)
+    def want(
+        self, *, refresh: bool, deadline: float, stale_epoch: int | None = None
+    ) -> Use | Fetch | Join:
+        """What a caller that needs a map (a fresh one if ``refresh``) does now.
+
+        ``stale_epoch`` is the epoch of the map a node refused, when that is why
+        the caller refreshes: a newer cached map is then fresh enough.
+        """
+        current = self.current
+        if current is not None and (
+            not refresh or (stale_epoch is not None and current.epoch > stale_epoch)
+        ):
+            return Use(current)
         if self._fetching:
             return Join(self._rounds)
         self._fetching = True
