@@ -214,6 +214,18 @@ def test_a_deadline_spent_before_the_first_send_fails_without_sending() -> None:
     assert trace == ["map", "fail DeadlineExceededError"]
 
 
+def test_a_deadline_that_passes_during_a_pause_fails_with_the_last_error() -> None:
+    """A pause may overrun (a busy machine); the call then fails with what went wrong."""
+    call = _calls.get(KEY)
+    run = CallRun(call, policy=DEFAULT, budget=1.0, now=0.0, metadata=None, coalesce=True)
+    run.start()
+    assert isinstance(run.routed(MAP, 0.0), Send)
+    down = UnavailableError("down")
+    assert run.failed(down, never_sent=False, now=0.9) == Wait(0.05)
+    fail = run.resume(now=1.2)
+    assert isinstance(fail, Fail) and fail.error is down
+
+
 def test_a_pause_that_would_end_past_the_deadline_is_not_taken() -> None:
     trace, _ = drive(GET(), [DOWN, Ok()], budget=0.3, attempt_seconds=0.26)
     assert trace == ["map", "send a 0.3", "fail UnavailableError"]

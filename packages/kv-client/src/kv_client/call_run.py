@@ -111,6 +111,7 @@ class CallRun(Generic[Out]):
         self._map: ClusterMap | None = None
         self._pause_after_map: float | None = None
         self._sent: Send | None = None
+        self._last_error: KvError | None = None
 
     def start(self) -> NeedMap:
         return NeedMap(refresh=False, deadline=self.deadline)
@@ -141,6 +142,7 @@ class CallRun(Generic[Out]):
         sent = self._sent
         if sent is not None:
             error.relocated(f"{self.call.method} via node {sent.node_id!r} at {sent.address}")
+        self._last_error = error
         pause = next_pause(
             self._policy,
             error,
@@ -161,8 +163,10 @@ class CallRun(Generic[Out]):
     def _send(self, now: float) -> Send | Fail:
         remaining = self.deadline - now
         if remaining <= 0:
+            # After a failed attempt, its error says more than the deadline does.
             return Fail(
-                DeadlineExceededError(
+                self._last_error
+                or DeadlineExceededError(
                     f"deadline of {self.budget}s passed before {self.call.method}"
                 )
             )
