@@ -26,14 +26,19 @@ def three_nodes(tmp_path: Path) -> Iterator[Cluster]:
 def cluster() -> Iterator[InProcessCluster]:
     """Three in-process nodes on the memory engine (cheap; for SDK behaviour, not crashes)."""
     nodes = InProcessCluster(["a", "b", "c"])
-    nodes.start()
-    yield nodes
-    nodes.stop()
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
 
 
 @pytest.fixture
 def cluster_with_c_down() -> Iterator[InProcessCluster]:
+    """The same three nodes with "c" never started: its keys' owner refuses connections."""
     nodes = InProcessCluster(["a", "b", "c"], down=("c",))
-    nodes.start()
-    yield nodes
-    nodes.stop()
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()

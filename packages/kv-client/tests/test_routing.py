@@ -1,27 +1,16 @@
-"""Pure parts of the SDK: error mapping, retry decisions, map routing, batch planning."""
+"""Pure parts of the SDK: key checks, map routing, batch planning and batch results."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from grpc import StatusCode as Code
 
 from kv.v1 import kv_pb2
 from kv_client import _calls, batch
-from kv_client.coalesce import CoalesceConfig, take_group
-from kv_client.errors import (
-    DeadlineExceededError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    StaleMapError,
-    TooLargeError,
-    UnavailableError,
-    error_from_status,
-)
-from kv_client.retry import RetryPolicy, Safety, next_pause
-from kv_client.types import WriteResult
+from kv_client.errors import InternalError, InvalidArgumentError, StaleMapError, UnavailableError
+from kv_client.types import Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap, ClusterMapError, Member
-from kv_common.wire import STALE_MAP_PREFIX
+from kv_common.wire import Reason
 
 MEMBERS = (Member("a", "127.0.0.1:1"), Member("b", "127.0.0.1:2"), Member("c", "127.0.0.1:3"))
 
@@ -30,81 +19,6 @@ def cluster_map(epoch: int = 1) -> ClusterMap:
     return ClusterMap.build(
         epoch=epoch, members=MEMBERS, partitions=256, replication_factor=1, vnodes=32
     )
-
-
-@pytest.mark.parametrize(
-    ("code", "details", "kind", "retriable", "stale"),
-    [
-        (
-            Code.INVALID_ARGUMENT,
-            "key must not be empty",
-            InvalidArgumentError,
-            False,
-            False,
-        ),
-        (
-            Code.RESOURCE_EXHAUSTED,
-            "value is 9 bytes; the limit is 8",
-            TooLargeError,
-            False,
-            False,
-        ),
-        (Code.RESOURCE_EXHAUSTED, "server overloaded", UnavailableError, True, False),
-        (Code.UNAVAILABLE, "owner 'b' is unreachable", UnavailableError, True, False),
-        (Code.DEADLINE_EXCEEDED, "late", DeadlineExceededError, False, False),
-        (
-            Code.FAILED_PRECONDITION,
-            f"{STALE_MAP_PREFIX}: moved",
-            StaleMapError,
-            True,
-            True,
-        ),
-        (
-            Code.FAILED_PRECONDITION,
-            "cluster lists differ",
-            FailedPreconditionError,
-            False,
-            False,
-        ),
-    ],
-)
-def test_status_codes_map_to_typed_errors(
-    code: grpc.StatusCode, details: str, kind: type, retriable: bool, stale: bool
-) -> None:
-    error = error_from_status(code, details)
-    assert type(error) is kind
-    assert (error.retriable, error.invalid_metadata) == (retriable, stale)
-    assert error.message == details
-
-
-def test_retry_rules_follow_call_safety() -> None:
-    policy = RetryPolicy(max_attempts=3, initial_backoff=0.1, multiplier=2.0, max_backoff=0.15)
-    down = UnavailableError("down")
-    stale = StaleMapError("stale")
-    bad = InvalidArgumentError("bad")
-
-    def pause(
-        error: Exception, safety: Safety, *, attempt: int = 0, sent: bool = True
-    ) -> float | None:
-        assert isinstance(error, (UnavailableError, StaleMapError, InvalidArgumentError))
-        return next_pause(
-            policy, error, attempt=attempt, safety=safety, never_sent=not sent, time_left=10.0
-        )
-
-    assert pause(down, Safety.IDEMPOTENT) == 0.1
-    assert pause(down, Safety.CONDITIONAL) == 0.1
-    assert pause(down, Safety.UNCONDITIONAL) is None, "a put that may have run is not resent"
-    assert pause(down, Safety.UNCONDITIONAL, sent=False) == 0.1
-    assert pause(stale, Safety.UNCONDITIONAL) == 0.1, "a stale-map refusal never ran"
-    assert pause(bad, Safety.IDEMPOTENT) is None
-    assert pause(down, Safety.IDEMPOTENT, attempt=1) == 0.15, "backoff is capped"
-    assert pause(down, Safety.IDEMPOTENT, attempt=2) is None, "attempts are bounded"
-    assert (
-        next_pause(
-            policy, down, attempt=0, safety=Safety.IDEMPOTENT, never_sent=False, time_left=0.05
-        )
-        is None
-    ), "no retry that cannot finish before the deadline"
 
 
 def test_keys_are_checked_and_encoded() -> None:
@@ -150,33 +64,63 @@ def test_batch_plan_groups_by_owner_and_chunks() -> None:
         ]
 
 
-def test_batch_results_decode_per_operation() -> None:
-    results: list[batch.Result] = [None, None, None]
-    chunk = batch.Chunk("a", "x", [2, 0], kv_pb2.BatchRequest())
+def test_batch_results_decode_every_result_type() -> None:
+    """Each of the five results an operation can have, in the caller's order."""
+    results: list[batch.Result] = [None] * 6
+    results[5] = WriteResult(True, 99)  # a slot the chunk does not cover keeps its value
+    chunk = batch.Chunk("a", "x", [4, 0, 3, 1, 2], kv_pb2.BatchRequest())
+    stale = kv_pb2.OperationError(
+        code=Code.FAILED_PRECONDITION.value[0],
+        message="moved",
+        reason=Reason.STALE_MAP,
+        metadata={"epoch": "3", "owner_id": "b"},
+    )
     response = kv_pb2.BatchResponse(
         results=[
-            kv_pb2.OperationResult(put=kv_pb2.PutResponse(succeeded=True, version=4)),
+            kv_pb2.OperationResult(get=kv_pb2.GetResponse(found=True, value=b"v", version=7)),
+            kv_pb2.OperationResult(get=kv_pb2.GetResponse(found=False)),
+            kv_pb2.OperationResult(put=kv_pb2.PutResponse(succeeded=False, version=4)),
             kv_pb2.OperationResult(
-                error=kv_pb2.OperationError(code=14, message="owner 'b' is unreachable")
+                delete=kv_pb2.DeleteResponse(succeeded=True, found=True, version=9)
             ),
+            kv_pb2.OperationResult(error=stale),
         ]
     )
     batch.record(results, chunk, response)
-    assert results[2] == WriteResult(True, 4)
-    assert isinstance(results[0], UnavailableError)
-    with pytest.raises(UnavailableError):
+    assert results[4] == Versioned(b"v", 7)
+    assert results[0] is None
+    assert results[3] == WriteResult(False, 4)
+    assert results[1] == WriteResult(True, 9)
+    error = results[2]
+    assert isinstance(error, StaleMapError)
+    assert (error.reason, dict(error.metadata)) == ("STALE_MAP", {"epoch": "3", "owner_id": "b"})
+    assert results[5] == WriteResult(True, 99)
+    assert batch.needs_resend(error) and not batch.needs_resend(results[1])
+    with pytest.raises(StaleMapError):
         batch.values(results)
+    with pytest.raises(StaleMapError):
+        batch.versions(results)
 
 
-def test_coalesced_groups_respect_count_and_bytes() -> None:
-    class Waiting:
-        def __init__(self, size: int) -> None:
-            self.operation = kv_pb2.Operation(put=kv_pb2.PutRequest(key=b"k", value=b"v" * size))
+def test_an_empty_result_and_a_failed_chunk_are_errors() -> None:
+    results: list[batch.Result] = [None, None]
+    chunk = batch.Chunk("a", "x", [0, 1], kv_pb2.BatchRequest())
+    batch.record(results, chunk, kv_pb2.BatchResponse(results=[kv_pb2.OperationResult()] * 2))
+    assert all(isinstance(r, InternalError) for r in results)
+    down = UnavailableError("node down")
+    batch.record(results, chunk, down)
+    assert results == [down, down]
 
-    config = CoalesceConfig(max_ops=3, max_bytes=100)
-    queue = [Waiting(10) for _ in range(5)]
-    assert len(take_group(queue, config)) == 3
-    assert len(queue) == 2
-    big = [Waiting(500), Waiting(10)]
-    assert len(take_group(big, config)) == 1, "an oversized call still goes, alone"
-    assert len(take_group(big, config)) == 1
+
+def test_a_batch_run_resends_only_stale_refusals_once_within_its_deadline() -> None:
+    run = batch.BatchRun(
+        [batch.Put("a", "1"), batch.Put("b", "2"), batch.Get("c")], max_ops=10, budget=2.0, now=0.0
+    )
+    assert run.remaining(0.5) == 1.5 and run.remaining(3.0) == batch.MIN_CALL_TIMEOUT
+    run.results = [StaleMapError("moved"), WriteResult(True, 1), UnavailableError("down")]
+    assert run.another_round(now=1.0)
+    assert run.pending == [0], "only what a stale map sent to the wrong node goes again"
+    assert not run.another_round(now=1.0), "once"
+    late = batch.BatchRun([batch.Get("a")], max_ops=10, budget=2.0, now=0.0)
+    late.results = [StaleMapError("moved")]
+    assert not late.another_round(now=2.0), "not past the deadline"

@@ -1,7 +1,8 @@
 """The asyncio client: the same surface as ``Client``, awaitable.
 
 Create and use it inside one running event loop (gRPC's aio channels belong
-to the loop that made them).
+to the loop that made them). A thin driver over the same pure core as ``Client``;
+only the waiting differs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -20,15 +21,13 @@ from kv_client._calls import Call, Key, Value
 from kv_client._transport import (
     CHANNEL_OPTIONS,
     DEFAULT_TIMEOUT,
-    MAP_FETCH_TIMEOUT,
     Metadata,
-    bootstrap_order,
-    no_map_error,
     node_status,
     routed_metadata,
     seed_list,
 )
 from kv_client.batch import Operation, Result
+from kv_client.call_run import Action, CallRun, Done, NeedMap, Send, Wait
 from kv_client.coalesce import (
     DEFAULT_COALESCE,
     AsyncLane,
@@ -37,8 +36,9 @@ from kv_client.coalesce import (
     failed,
     within,
 )
-from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
-from kv_client.retry import RetryPolicy, next_pause
+from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
+from kv_client.map_cache import Fetch, MapCache, MapFetch, Use
+from kv_client.retry import RetryPolicy
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap, ClusterMapError
 
@@ -63,8 +63,8 @@ class AsyncClient:
         self._seeds = seed_list(addresses)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
-        self._map: ClusterMap | None = None
-        self._refreshing: asyncio.Task[ClusterMap] | None = None
+        self._maps = MapCache(self._seeds)
+        self._fetching: asyncio.Future[ClusterMap | KvError] | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._kv: dict[str, kv_pb2_grpc.KVServiceAsyncStub] = {}
         self._closed = False
@@ -155,9 +155,8 @@ class AsyncClient:
         self, *, refresh: bool = False, timeout: float | None = None
     ) -> ClusterMap:
         """The cluster map this client routes by (fetched now if ``refresh``)."""
-        if self._map is None or refresh:
-            return await self._refresh(time.monotonic() + (timeout or self._timeout))
-        return self._map
+        deadline = time.monotonic() + (timeout or self._timeout)
+        return await self._cluster_map(refresh=refresh, deadline=deadline)
 
     async def locate(self, key: Key, *, timeout: float | None = None) -> Location:
         """Which partition and node own ``key``, by the current map."""
@@ -189,14 +188,22 @@ class AsyncClient:
         failed with. Not atomic as a whole; operations on one key apply in order.
         """
         budget = self._timeout if timeout is None else timeout
-        run = batch.BatchRun(operations, max_ops=self._max_batch_ops, budget=budget)
+        run = batch.BatchRun(
+            operations, max_ops=self._max_batch_ops, budget=budget, now=time.monotonic()
+        )
+        cluster_map: ClusterMap | None = None
         while True:
-            cluster_map = await self.cluster_map(refresh=run.round > 0, timeout=run.remaining())
+            cluster_map = await self._cluster_map(
+                refresh=cluster_map is not None,
+                deadline=run.deadline,
+                stale_epoch=cluster_map.epoch if cluster_map is not None else None,
+            )
             chunks = run.chunks(cluster_map)
             md = routed_metadata(cluster_map, metadata)
+            timeout = run.remaining(time.monotonic())
             responses = await asyncio.gather(
                 *(
-                    self._stub(c.address).Batch(c.request, timeout=run.remaining(), metadata=md)
+                    self._stub(c.address).Batch(c.request, timeout=timeout, metadata=md)
                     for c in chunks
                 ),
                 return_exceptions=True,
@@ -208,7 +215,7 @@ class AsyncClient:
                     raise response
                 else:
                     run.record(chunk, response)
-            if not run.another_round():
+            if not run.another_round(time.monotonic()):
                 return run.results
 
     async def get_many(
@@ -236,13 +243,18 @@ class AsyncClient:
         )
         return batch.versions(results)
 
+    # -- machinery: perform what the pure core decides
+
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
+        """The one place a channel is made (a test double may wrap it)."""
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self._closed:
             raise KvError("the client is closed")
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            channel = self._channels[address] = self._open_channel(address)
         return channel
 
     def _stub(self, address: str) -> kv_pb2_grpc.KVServiceAsyncStub:
@@ -251,98 +263,113 @@ class AsyncClient:
             stub = self._kv[address] = kv_pb2_grpc.KVServiceStub(self._channel(address))
         return stub
 
-    async def _refresh(self, deadline: float) -> ClusterMap:
-        # One fetch at a time: many callers that hit a stale map share it.
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._fetch(deadline))
-        return await asyncio.shield(self._refreshing)
+    async def _cluster_map(
+        self, *, refresh: bool, deadline: float, stale_epoch: int | None = None
+    ) -> ClusterMap:
+        step = self._maps.want(refresh=refresh, deadline=deadline, stale_epoch=stale_epoch)
+        if isinstance(step, Use):
+            return step.cluster_map
+        if isinstance(step, Fetch):
+            # A task, so that a caller cancelled mid-fetch does not cancel it for the others.
+            self._fetching = asyncio.ensure_future(self._fetch(step.fetch))
+        fetching = self._fetching
+        assert fetching is not None, "a fetch is in flight whenever the cache says Join"
+        try:
+            outcome = await asyncio.wait_for(
+                asyncio.shield(fetching), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "deadline passed while the cluster map was fetched"
+            ) from None
+        if isinstance(outcome, KvError):
+            raise outcome
+        return outcome
 
-    async def _fetch(self, deadline: float) -> ClusterMap:
-        tried: list[str] = []
-        errors: list[str] = []
-        for address in bootstrap_order(self._seeds, self._map):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            tried.append(address)
-            stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(address))
+    async def _fetch(self, fetch: MapFetch) -> ClusterMap | KvError:
+        outcome: ClusterMap | KvError = UnavailableError("the cluster map fetch was interrupted")
+        try:
+            outcome = await self._fetch_from_nodes(fetch)
+        finally:
+            outcome = self._maps.finish(outcome)
+        return outcome
+
+    async def _fetch_from_nodes(self, fetch: MapFetch) -> ClusterMap | KvError:
+        while (step := fetch.next(time.monotonic())) is not None:
+            stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(step.address))
             try:
                 response = await stub.GetClusterMap(
-                    cluster_pb2.GetClusterMapRequest(),
-                    timeout=min(remaining, MAP_FETCH_TIMEOUT),
+                    cluster_pb2.GetClusterMapRequest(), timeout=step.timeout
                 )
-                fresh = ClusterMap.from_proto(response.cluster_map)
+                return ClusterMap.from_proto(response.cluster_map)
             except grpc.RpcError as exc:
-                errors.append(f"{address}: {error_from_rpc(exc).message}")
-                continue
+                fetch.failed(step.address, error_from_rpc(exc).message)
             except ClusterMapError as exc:
-                errors.append(f"{address}: {exc}")
-                continue
-            if self._map is None or fresh.epoch >= self._map.epoch:
-                self._map = fresh
-            return self._map
-        raise no_map_error(tried, errors)
+                fetch.failed(step.address, str(exc))
+        return fetch.error()
 
-    async def _attempt(
-        self,
-        call: Call[Any],
-        address: str,
-        deadline: float,
-        cluster_map: ClusterMap,
-        metadata: Metadata | None,
-    ) -> Any:
-        md = routed_metadata(cluster_map, metadata)
-        method: Any = getattr(self._stub(address), call.method)
+    async def _attempt(self, call: Call[Any], send: Send) -> Any:
+        method: Any = getattr(self._stub(send.address), call.method)
 
         async def unary() -> Any:
-            timeout = max(0.0, deadline - time.monotonic())
-            return await method(call.request, timeout=timeout, metadata=md)
+            timeout = max(0.0, send.deadline - time.monotonic())
+            return await method(call.request, timeout=timeout, metadata=send.metadata)
 
-        if self._coalesce is None or metadata:
+        if send.lane is None:
             try:
                 return await unary()
             except grpc.RpcError as exc:
                 raise failed(exc) from None
-        lane = self._lanes.get((address, cluster_map.epoch))
+        return await self._lane(send).submit(call, send.deadline, unary)
+
+    def _lane(self, send: Send) -> AsyncLane:
+        assert send.lane is not None and self._coalesce is not None
+        lane = self._lanes.get(send.lane)
         if lane is None:
-            stub = self._stub(address)
+            stub = self._stub(send.address)
 
             async def send_batch(
                 request: kv_pb2.BatchRequest, timeout: float
             ) -> kv_pb2.BatchResponse:
-                return await stub.Batch(request, timeout=timeout, metadata=md)
+                return await stub.Batch(request, timeout=timeout, metadata=send.metadata)
 
-            lane = self._lanes[(address, cluster_map.epoch)] = AsyncLane(
-                within(self._coalesce, cluster_map.limits), send_batch
-            )
-        return await lane.submit(call, deadline, unary)
+            config = within(self._coalesce, send.limits)
+            lane = self._lanes[send.lane] = AsyncLane(config, send_batch)
+        return lane
 
     async def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:
-        budget = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        cluster_map = await self.cluster_map(timeout=budget)
-        attempt = 0
+        run = CallRun(
+            call,
+            policy=self._retry,
+            budget=self._timeout if timeout is None else timeout,
+            now=time.monotonic(),
+            metadata=metadata,
+            coalesce=self._coalesce is not None,
+        )
+        action: Action = run.start()
         while True:
-            node_id, address = cluster_map.owner_of(call.key)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceededError(f"deadline of {budget}s passed before {call.method}")
-            try:
-                response = await self._attempt(call, address, deadline, cluster_map, metadata)
-                return call.decode(response)
-            except AttemptFailed as failure:
-                error = failure.located(call, node_id, address)
-                pause = next_pause(
-                    self._retry,
-                    error,
-                    attempt=attempt,
-                    safety=call.safety,
-                    never_sent=failure.never_sent,
-                    time_left=deadline - time.monotonic(),
-                )
-                if pause is None:
-                    raise error from None
-            if error.invalid_metadata:
-                cluster_map = await self._refresh(deadline)
-            await asyncio.sleep(pause)
-            attempt += 1
+            if isinstance(action, Send):
+                try:
+                    action = run.replied(await self._attempt(call, action))
+                except AttemptFailed as failure:
+                    action = run.failed(
+                        failure.error, never_sent=failure.never_sent, now=time.monotonic()
+                    )
+            elif isinstance(action, NeedMap):
+                try:
+                    cluster_map = await self._cluster_map(
+                        refresh=action.refresh,
+                        deadline=action.deadline,
+                        stale_epoch=action.stale_epoch,
+                    )
+                except KvError as error:
+                    action = run.map_failed(error)
+                else:
+                    action = run.routed(cluster_map, time.monotonic())
+            elif isinstance(action, Wait):
+                await asyncio.sleep(action.seconds)
+                action = run.resume(time.monotonic())
+            elif isinstance(action, Done):
+                return cast(Out, action.value)
+            else:
+                raise action.error from None

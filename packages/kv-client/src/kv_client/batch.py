@@ -10,7 +10,6 @@ again once after a map refresh.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from kv_client._calls import Key, Value, encode, encode_key
 from kv_client.errors import KvError, error_from_status, status_from_number
 from kv_client.types import Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap
+from kv_common.wire import ErrorInfo
 
 DEFAULT_MAX_OPS = 1000
 """Operations per Batch call; matches the node's default --max-batch-ops."""
@@ -69,7 +69,9 @@ def result_error(result: kv_pb2.OperationResult) -> KvError | None:
     """The error an operation's result carries (an empty result counts as one), or None."""
     kind = result.WhichOneof("result")
     if kind == "error":
-        return error_from_status(status_from_number(result.error.code), result.error.message)
+        error = result.error
+        info = ErrorInfo(error.reason, dict(error.metadata)) if error.reason else None
+        return error_from_status(status_from_number(error.code), error.message, info)
     if kind is None:
         return error_from_status(grpc.StatusCode.INTERNAL, "the node sent an empty result")
     return None
@@ -97,6 +99,9 @@ class Chunk:
     indexes: list[int]
     request: kv_pb2.BatchRequest
 
+
+MIN_CALL_TIMEOUT = 0.001
+"""Seconds a batch call is given at least, so gRPC gets a positive deadline."""
 
 FRAMING_BYTES = 16
 """Allowance per operation for protobuf framing when sizing a chunk."""
@@ -149,24 +154,27 @@ def first_error(results: Sequence[Result]) -> KvError | None:
 class BatchRun:
     """One ``batch()`` call across its rounds: what is left to send, and the results so far.
 
-    Both clients drive it the same way and differ only in how they wait for the
-    calls: plan the chunks, record each chunk's answer, then ask for another
-    round, which resends only what a node refused for a stale map (once, and
-    only while the deadline allows).
+    Pure (the caller passes ``now``). Both clients drive it the same way and differ
+    only in how they wait for the calls: plan the chunks, record each chunk's answer,
+    then ask for another round, which resends only what a node refused for a stale
+    map (once, and only while the deadline allows).
     """
 
     ROUNDS = 2
 
-    def __init__(self, operations: Sequence[Operation], *, max_ops: int, budget: float) -> None:
+    def __init__(
+        self, operations: Sequence[Operation], *, max_ops: int, budget: float, now: float
+    ) -> None:
         self.encoded = [to_proto(op) for op in operations]
         self.results: list[Result] = [None] * len(self.encoded)
         self.pending = list(range(len(self.encoded)))
-        self.deadline = time.monotonic() + budget
+        self.deadline = now + budget
         self.round = 0
         self._max_ops = max_ops
 
-    def remaining(self) -> float:
-        return max(0.001, self.deadline - time.monotonic())
+    def remaining(self, now: float) -> float:
+        """Seconds left for the next calls (never zero: gRPC needs a positive deadline)."""
+        return max(MIN_CALL_TIMEOUT, self.deadline - now)
 
     def chunks(self, cluster_map: ClusterMap) -> list[Chunk]:
         return plan(cluster_map, self.encoded, self.pending, self._max_ops)
@@ -174,10 +182,10 @@ class BatchRun:
     def record(self, chunk: Chunk, response: kv_pb2.BatchResponse | KvError) -> None:
         record(self.results, chunk, response)
 
-    def another_round(self) -> bool:
+    def another_round(self, now: float) -> bool:
         self.pending = [i for i in self.pending if needs_resend(self.results[i])]
         self.round += 1
-        return bool(self.pending) and self.round < self.ROUNDS and time.monotonic() < self.deadline
+        return bool(self.pending) and self.round < self.ROUNDS and now < self.deadline
 
 
 def values(results: Sequence[Result]) -> list[bytes | None]:

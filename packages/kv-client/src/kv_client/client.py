@@ -1,4 +1,9 @@
-"""The synchronous client. Thread-safe: share one per process."""
+"""The synchronous client. Thread-safe: share one per process.
+
+A thin driver: the decisions (routing, retries, map refresh, coalescing) are
+made by the pure core (``call_run``, ``map_cache``, ``lane_state``, ``batch``);
+this module performs them with blocking gRPC calls, threads and ``time.sleep``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -16,15 +21,13 @@ from kv_client._calls import Call, Key, Value
 from kv_client._transport import (
     CHANNEL_OPTIONS,
     DEFAULT_TIMEOUT,
-    MAP_FETCH_TIMEOUT,
     Metadata,
-    bootstrap_order,
-    no_map_error,
     node_status,
     routed_metadata,
     seed_list,
 )
 from kv_client.batch import Operation, Result
+from kv_client.call_run import Action, CallRun, Done, NeedMap, Send, Wait
 from kv_client.coalesce import (
     DEFAULT_COALESCE,
     AttemptFailed,
@@ -33,8 +36,9 @@ from kv_client.coalesce import (
     failed,
     within,
 )
-from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
-from kv_client.retry import RetryPolicy, next_pause
+from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
+from kv_client.map_cache import Join, MapCache, MapFetch, Use
+from kv_client.retry import RetryPolicy
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap, ClusterMapError
 
@@ -65,7 +69,8 @@ class Client:
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._lock = threading.Lock()
-        self._map: ClusterMap | None = None
+        self._fetched = threading.Condition(self._lock)
+        self._maps = MapCache(self._seeds)
         self._channels: dict[str, grpc.Channel] = {}
         self._kv: dict[str, kv_pb2_grpc.KVServiceStub] = {}
         self._closed = False
@@ -159,11 +164,7 @@ class Client:
     def cluster_map(self, *, refresh: bool = False, timeout: float | None = None) -> ClusterMap:
         """The cluster map this client routes by (fetched now if ``refresh``)."""
         deadline = time.monotonic() + (timeout or self._timeout)
-        with self._lock:
-            current = self._map
-        if current is None or refresh:
-            return self._refresh(deadline)
-        return current
+        return self._cluster_map(refresh=refresh, deadline=deadline)
 
     def locate(self, key: Key, *, timeout: float | None = None) -> Location:
         """Which partition and node own ``key``, by the current map."""
@@ -197,15 +198,22 @@ class Client:
         failed with. Not atomic as a whole; operations on one key apply in order.
         """
         budget = self._timeout if timeout is None else timeout
-        run = batch.BatchRun(operations, max_ops=self._max_batch_ops, budget=budget)
+        run = batch.BatchRun(
+            operations, max_ops=self._max_batch_ops, budget=budget, now=time.monotonic()
+        )
+        cluster_map: ClusterMap | None = None
         while True:
-            cluster_map = self.cluster_map(refresh=run.round > 0, timeout=run.remaining())
+            cluster_map = self._cluster_map(
+                refresh=cluster_map is not None,
+                deadline=run.deadline,
+                stale_epoch=cluster_map.epoch if cluster_map is not None else None,
+            )
             md = routed_metadata(cluster_map, metadata)
             calls = [
                 (
                     chunk,
                     self._stub(chunk.address).Batch.future(
-                        chunk.request, timeout=run.remaining(), metadata=md
+                        chunk.request, timeout=run.remaining(time.monotonic()), metadata=md
                     ),
                 )
                 for chunk in run.chunks(cluster_map)
@@ -215,7 +223,7 @@ class Client:
                     run.record(chunk, future.result())
                 except grpc.RpcError as exc:
                     run.record(chunk, error_from_rpc(exc))
-            if not run.another_round():
+            if not run.another_round(time.monotonic()):
                 return run.results
 
     def get_many(
@@ -243,7 +251,11 @@ class Client:
         )
         return batch.versions(results)
 
-    # -- machinery
+    # -- machinery: perform what the pure core decides
+
+    def _open_channel(self, address: str) -> grpc.Channel:
+        """The one place a channel is made (a test double may wrap it)."""
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -251,8 +263,7 @@ class Client:
                 raise KvError("the client is closed")
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-                self._channels[address] = channel
+                channel = self._channels[address] = self._open_channel(address)
             return channel
 
     def _stub(self, address: str) -> kv_pb2_grpc.KVServiceStub:
@@ -261,97 +272,113 @@ class Client:
             stub = self._kv[address] = kv_pb2_grpc.KVServiceStub(self._channel(address))
         return stub
 
-    def _refresh(self, deadline: float) -> ClusterMap:
+    def _cluster_map(
+        self, *, refresh: bool, deadline: float, stale_epoch: int | None = None
+    ) -> ClusterMap:
         with self._lock:
-            current = self._map
-        tried: list[str] = []
-        errors: list[str] = []
-        for address in bootstrap_order(self._seeds, current):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            tried.append(address)
-            stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(address))
+            step = self._maps.want(refresh=refresh, deadline=deadline, stale_epoch=stale_epoch)
+            if isinstance(step, Use):
+                return step.cluster_map
+            if isinstance(step, Join):
+                joined = self._fetched.wait_for(
+                    lambda: self._maps.outcome_after(step.round) is not None,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
+                outcome = self._maps.outcome_after(step.round)
+                if not joined or outcome is None:
+                    raise DeadlineExceededError("deadline passed while the cluster map was fetched")
+                return _unwrap(outcome)
+        outcome = UnavailableError("the cluster map fetch was interrupted")
+        try:
+            outcome = self._fetch(step.fetch)
+        finally:
+            with self._lock:
+                outcome = self._maps.finish(outcome)
+                self._fetched.notify_all()
+        return _unwrap(outcome)
+
+    def _fetch(self, fetch: MapFetch) -> ClusterMap | KvError:
+        while (step := fetch.next(time.monotonic())) is not None:
+            stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(step.address))
             try:
                 response = stub.GetClusterMap(
-                    cluster_pb2.GetClusterMapRequest(),
-                    timeout=min(remaining, MAP_FETCH_TIMEOUT),
+                    cluster_pb2.GetClusterMapRequest(), timeout=step.timeout
                 )
-                fresh = ClusterMap.from_proto(response.cluster_map)
+                return ClusterMap.from_proto(response.cluster_map)
             except grpc.RpcError as exc:
-                errors.append(f"{address}: {error_from_rpc(exc).message}")
-                continue
+                fetch.failed(step.address, error_from_rpc(exc).message)
             except ClusterMapError as exc:
-                errors.append(f"{address}: {exc}")
-                continue
-            with self._lock:
-                if self._map is None or fresh.epoch >= self._map.epoch:
-                    self._map = fresh
-                return self._map
-        raise no_map_error(tried, errors)
+                fetch.failed(step.address, str(exc))
+        return fetch.error()
 
-    def _attempt(
-        self,
-        call: Call[Any],
-        address: str,
-        deadline: float,
-        cluster_map: ClusterMap,
-        metadata: Metadata | None,
-    ) -> Any:
-        md = routed_metadata(cluster_map, metadata)
-        stub = self._stub(address)
-        method: Any = getattr(stub, call.method)
+    def _attempt(self, call: Call[Any], send: Send) -> Any:
+        method: Any = getattr(self._stub(send.address), call.method)
 
         def unary() -> Any:
-            timeout = max(0.0, deadline - time.monotonic())
-            return method(call.request, timeout=timeout, metadata=md)
+            timeout = max(0.0, send.deadline - time.monotonic())
+            return method(call.request, timeout=timeout, metadata=send.metadata)
 
-        if self._coalesce is None or metadata:
+        if send.lane is None:
             try:
                 return unary()
             except grpc.RpcError as exc:
                 raise failed(exc) from None
-        key = (address, cluster_map.epoch)
+        return self._lane(send).submit(call, send.deadline, unary)
+
+    def _lane(self, send: Send) -> SyncLane:
+        assert send.lane is not None and self._coalesce is not None
         with self._lock:
-            lane = self._lanes.get(key)
-            if lane is None:
+            lane = self._lanes.get(send.lane)
+            if lane is not None:
+                return lane
+        stub = self._stub(send.address)
 
-                def send_batch(
-                    request: kv_pb2.BatchRequest, timeout: float
-                ) -> kv_pb2.BatchResponse:
-                    return stub.Batch(request, timeout=timeout, metadata=md)
+        def send_batch(request: kv_pb2.BatchRequest, timeout: float) -> kv_pb2.BatchResponse:
+            return stub.Batch(request, timeout=timeout, metadata=send.metadata)
 
-                lane = self._lanes[key] = SyncLane(
-                    within(self._coalesce, cluster_map.limits), send_batch
-                )
-        return lane.submit(call, deadline, unary)
+        config = within(self._coalesce, send.limits)
+        with self._lock:
+            return self._lanes.setdefault(send.lane, SyncLane(config, send_batch))
 
     def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:
-        budget = self._timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        cluster_map = self.cluster_map(timeout=budget)
-        attempt = 0
+        run = CallRun(
+            call,
+            policy=self._retry,
+            budget=self._timeout if timeout is None else timeout,
+            now=time.monotonic(),
+            metadata=metadata,
+            coalesce=self._coalesce is not None,
+        )
+        action: Action = run.start()
         while True:
-            node_id, address = cluster_map.owner_of(call.key)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceededError(f"deadline of {budget}s passed before {call.method}")
-            try:
-                response = self._attempt(call, address, deadline, cluster_map, metadata)
-                return call.decode(response)
-            except AttemptFailed as failure:
-                error = failure.located(call, node_id, address)
-                pause = next_pause(
-                    self._retry,
-                    error,
-                    attempt=attempt,
-                    safety=call.safety,
-                    never_sent=failure.never_sent,
-                    time_left=deadline - time.monotonic(),
-                )
-                if pause is None:
-                    raise error from None
-            if error.invalid_metadata:
-                cluster_map = self._refresh(deadline)
-            time.sleep(pause)
-            attempt += 1
+            if isinstance(action, Send):
+                try:
+                    action = run.replied(self._attempt(call, action))
+                except AttemptFailed as failure:
+                    action = run.failed(
+                        failure.error, never_sent=failure.never_sent, now=time.monotonic()
+                    )
+            elif isinstance(action, NeedMap):
+                try:
+                    cluster_map = self._cluster_map(
+                        refresh=action.refresh,
+                        deadline=action.deadline,
+                        stale_epoch=action.stale_epoch,
+                    )
+                except KvError as error:
+                    action = run.map_failed(error)
+                else:
+                    action = run.routed(cluster_map, time.monotonic())
+            elif isinstance(action, Wait):
+                time.sleep(action.seconds)
+                action = run.resume(time.monotonic())
+            elif isinstance(action, Done):
+                return cast(Out, action.value)
+            else:
+                raise action.error from None
+
+
+def _unwrap(outcome: ClusterMap | KvError) -> ClusterMap:
+    if isinstance(outcome, KvError):
+        raise outcome
+    return outcome

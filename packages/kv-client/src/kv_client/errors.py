@@ -1,27 +1,55 @@
-"""The SDK's error hierarchy.
+"""The SDK's error hierarchy, and how a node's refusal becomes one of its classes.
 
 Every error carries two flags that the retry loop reads instead of matching
 types (the aiokafka habit): ``retriable`` (trying again may succeed) and
 ``invalid_metadata`` (the cluster map is stale; refresh before retrying).
+
+A refusal is classified by its ``google.rpc.ErrorInfo`` reason (the contract in
+``kv_common.wire`` and ``proto/kv/v1/kv.proto``); without a reason we know, by
+its status code alone. The message is for people and is never read here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import grpc
 
-from kv_common.wire import STALE_MAP_PREFIX
+from kv_common.wire import ErrorInfo, Reason, decode_status_details
+
+LIMIT_METADATA = "limit"
+"""ErrorInfo.metadata field with the limit a TOO_LARGE refusal was measured against."""
 
 
 class KvError(Exception):
-    """Base class of every error the SDK raises."""
+    """Base class of every error the SDK raises.
+
+    ``reason`` and ``metadata`` are the node's machine-readable ErrorInfo (None and
+    empty when the failure carried none: a client-side check, or gRPC itself).
+    """
 
     retriable = False
     invalid_metadata = False
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.reason = reason
+        self.metadata: Mapping[str, str] = dict(metadata or {})
+
+    def relocated(self, where: str) -> None:
+        """Prefix the message with where the failed call went."""
+        self.message = f"{where}: {self.message}"
+        self.args = (self.message,)
 
 
 class InvalidArgumentError(KvError):
@@ -29,11 +57,17 @@ class InvalidArgumentError(KvError):
 
 
 class TooLargeError(KvError):
-    """A value or a request is over a configured limit."""
+    """A value or a request is over a configured limit (``limit`` when the node said)."""
+
+    @property
+    def limit(self) -> int | None:
+        """The limit the node measured against, from the refusal's metadata."""
+        raw = self.metadata.get(LIMIT_METADATA)
+        return int(raw) if raw is not None and raw.isdigit() else None
 
 
 class UnavailableError(KvError):
-    """The node that owns the key could not be reached, or is overloaded."""
+    """The node that owns the key could not be reached, or is shutting down."""
 
     retriable = True
 
@@ -61,31 +95,66 @@ class InternalError(KvError):
     """The node failed in an unexpected way; see its log."""
 
 
-def error_from_rpc(error: grpc.RpcError) -> KvError:
-    """Map a gRPC failure to the SDK's hierarchy, keeping the server's message."""
-    code: grpc.StatusCode = error.code()
-    details: str = error.details() or code.name
-    return error_from_status(code, details)
+BY_REASON: Mapping[str, type[KvError]] = {
+    Reason.STALE_MAP: StaleMapError,
+    Reason.NOT_OWNER: StaleMapError,
+    Reason.KEY_EMPTY: InvalidArgumentError,
+    Reason.KEY_TOO_LARGE: InvalidArgumentError,
+    Reason.INVALID_REQUEST: InvalidArgumentError,
+    Reason.VALUE_TOO_LARGE: TooLargeError,
+    Reason.BATCH_TOO_LARGE: TooLargeError,
+    Reason.OWNER_UNAVAILABLE: UnavailableError,
+    Reason.SHUTTING_DOWN: UnavailableError,
+}
+"""The class of a refusal whose reason we know; it decides before the status code."""
+
+BY_CODE: Mapping[grpc.StatusCode, type[KvError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    # A kv reason this SDK does not know yet: a refusal of load, not of size (sizes are known).
+    grpc.StatusCode.RESOURCE_EXHAUSTED: UnavailableError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.UNAUTHENTICATED: AccessDeniedError,
+    grpc.StatusCode.PERMISSION_DENIED: AccessDeniedError,
+}
+"""The class of a failure whose reason we do not know; any other code is an InternalError."""
+
+WITHOUT_REASON: Mapping[grpc.StatusCode, type[KvError]] = {
+    # gRPC's own refusal of a message over its size limit carries no ErrorInfo.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TooLargeError,
+}
+"""Where a failure with no reason at all differs from one with an unknown reason."""
 
 
-def error_from_status(code: grpc.StatusCode, details: str) -> KvError:
-    cls: type[KvError]
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        cls = InvalidArgumentError
-    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        too_large = "limit" in details or "larger than" in details
-        cls = TooLargeError if too_large else UnavailableError
-    elif code == grpc.StatusCode.UNAVAILABLE:
-        cls = UnavailableError
-    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        cls = DeadlineExceededError
-    elif code == grpc.StatusCode.FAILED_PRECONDITION:
-        cls = StaleMapError if details.startswith(STALE_MAP_PREFIX) else FailedPreconditionError
-    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        cls = AccessDeniedError
+def error_from_status(
+    code: grpc.StatusCode, message: str, info: ErrorInfo | None = None
+) -> KvError:
+    """The SDK error for a status code and its ErrorInfo (the message is only carried)."""
+    reason = info.reason if info is not None and info.reason else None
+    if reason is None:
+        cls = WITHOUT_REASON.get(code) or BY_CODE.get(code, InternalError)
     else:
-        cls = InternalError
-    return cls(details, code=code)
+        cls = BY_REASON.get(reason) or BY_CODE.get(code, InternalError)
+    return cls(
+        message or code.name,
+        code=code,
+        reason=reason,
+        metadata=info.metadata if info is not None else None,
+    )
+
+
+def details_of(error: grpc.RpcError) -> ErrorInfo | None:
+    """The kv ErrorInfo in a failed call's trailers (sync and aio errors alike)."""
+    raw: Any = error.trailing_metadata()  # the stubs of the two flavours disagree
+    trailers: list[tuple[str, str | bytes]] = [(str(k), v) for k, v in raw or ()]
+    return decode_status_details(trailers)
+
+
+def error_from_rpc(error: grpc.RpcError) -> KvError:
+    """Map a failed gRPC call to the SDK's hierarchy by its code and status details."""
+    code: grpc.StatusCode = error.code()
+    return error_from_status(code, error.details() or "", details_of(error))
 
 
 _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -96,6 +165,15 @@ def status_from_number(number: int) -> grpc.StatusCode:
     return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
+CONNECT_FAILURE_TEXT = ("failed to connect", "Connection refused")
+"""Fragments of gRPC's own UNAVAILABLE details when no connection was made.
+
+gRPC offers no structured signal for "the request was never written to a
+socket", and this one decision (may an unconditional write be resent?) needs
+it; the text is gRPC's, not a kv node's, so no reason can replace it.
+"""
+
+
 def never_sent(error: grpc.RpcError) -> bool:
     """True when gRPC reports that no connection could be made.
 
@@ -103,7 +181,7 @@ def never_sent(error: grpc.RpcError) -> bool:
     makes retrying an unconditional write safe (the rule etcd's client uses).
     """
     code: grpc.StatusCode = error.code()
+    if code != grpc.StatusCode.UNAVAILABLE or details_of(error):
+        return False  # a refusal with our ErrorInfo came from a node: a connection was made
     details: str = error.details() or ""
-    return code == grpc.StatusCode.UNAVAILABLE and (
-        "failed to connect" in details or "Connection refused" in details
-    )
+    return any(fragment in details for fragment in CONNECT_FAILURE_TEXT)

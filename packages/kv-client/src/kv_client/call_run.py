@@ -1,0 +1,185 @@
+"""One single-key call's run, as a pure state machine both clients drive.
+
+Every rule about a call lives here: where the next attempt goes and with what
+deadline, whether it may join a coalescing lane, and what a failure leads to
+(refresh the map, pause and try again, or give up). There is no gRPC call, no
+clock and no sleep: the driver passes ``now`` (monotonic seconds) in, performs
+the action it gets back, and reports the outcome (the h11 habit). ``Client``
+and ``AsyncClient`` differ only in how they perform ``Send`` and ``Wait``.
+
+    run = CallRun(call, policy=..., budget=..., now=now, metadata=..., coalesce=...)
+    action = run.start()
+    loop:  NeedMap -> run.routed(map, now) | run.map_failed(error)
+           Send    -> run.replied(response) | run.failed(error, never_sent=..., now=now)
+           Wait    -> run.resume(now)
+           Done / Fail -> return the value / raise the error
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kv_client._calls import Call
+from kv_client._transport import Metadata, routed_metadata
+from kv_client.errors import DeadlineExceededError, KvError
+from kv_client.retry import RetryPolicy, next_pause
+from kv_common.cluster_map import ClusterMap, Limits
+
+Out = TypeVar("Out")
+
+LaneKey = tuple[str, int]
+"""A coalescing lane: one per node address and map epoch (the epoch is in each request)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedMap:
+    """Get the cluster map (a fresh one when ``refresh``) by ``deadline``; report it.
+
+    ``stale_epoch`` is the epoch of the map a node refused (see ``MapCache.want``).
+    """
+
+    refresh: bool
+    deadline: float
+    stale_epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send one attempt to ``address`` and report its answer or failure.
+
+    ``timeout`` is what is left of the call's budget now; a call that waits in a
+    lane first computes it again from ``deadline`` when it is really sent.
+    ``lane`` is None when the call must go alone as a unary RPC.
+    """
+
+    node_id: str
+    address: str
+    timeout: float
+    deadline: float
+    metadata: tuple[tuple[str, str], ...]
+    lane: LaneKey | None
+    limits: Limits
+    """The node's published request limits, which a lane's batches must fit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Pause ``seconds`` (the retry backoff), then ``resume``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Done(Generic[Out]):
+    """The call succeeded with ``value``."""
+
+    value: Out
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The call failed: raise ``error``."""
+
+    error: KvError
+
+
+Action = NeedMap | Send | Wait | Done[Any] | Fail
+
+
+class CallRun(Generic[Out]):
+    """The decisions of one call across its attempts."""
+
+    def __init__(
+        self,
+        call: Call[Out],
+        *,
+        policy: RetryPolicy,
+        budget: float,
+        now: float,
+        metadata: Metadata | None,
+        coalesce: bool,
+    ) -> None:
+        self.call = call
+        self.budget = budget
+        self.deadline = now + budget
+        self.attempt = 0
+        self._policy = policy
+        self._metadata = metadata
+        # Calls with their own metadata go alone: a Batch carries one set for all.
+        self._coalesce = coalesce and not metadata
+        self._map: ClusterMap | None = None
+        self._pause_after_map: float | None = None
+        self._sent: Send | None = None
+        self._last_error: KvError | None = None
+
+    def start(self) -> NeedMap:
+        return NeedMap(refresh=False, deadline=self.deadline)
+
+    def routed(self, cluster_map: ClusterMap, now: float) -> Action:
+        """The map to route by is ``cluster_map`` (after ``NeedMap``)."""
+        self._map = cluster_map
+        pause, self._pause_after_map = self._pause_after_map, None
+        return Wait(pause) if pause is not None else self._send(now)
+
+    def map_failed(self, error: KvError) -> Fail:
+        """No node gave a map: nothing can be routed."""
+        return Fail(error)
+
+    def resume(self, now: float) -> Action:
+        """The pause is over (after ``Wait``)."""
+        return self._send(now)
+
+    def replied(self, response: Any) -> Done[Out]:
+        """The node answered (after ``Send``)."""
+        return Done(self.call.decode(response))
+
+    def failed(self, error: KvError, *, never_sent: bool, now: float) -> NeedMap | Wait | Fail:
+        """The attempt failed with ``error`` (after ``Send``).
+
+        ``never_sent`` is True only when the request provably reached no node.
+        """
+        sent = self._sent
+        if sent is not None:
+            error.relocated(f"{self.call.method} via node {sent.node_id!r} at {sent.address}")
+        self._last_error = error
+        pause = next_pause(
+            self._policy,
+            error,
+            attempt=self.attempt,
+            safety=self.call.safety,
+            never_sent=never_sent,
+            time_left=self.deadline - now,
+        )
+        if pause is None:
+            return Fail(error)
+        self.attempt += 1
+        if error.invalid_metadata:
+            self._pause_after_map = pause
+            epoch = self._map.epoch if self._map is not None else None
+            return NeedMap(refresh=True, deadline=self.deadline, stale_epoch=epoch)
+        return Wait(pause)
+
+    def _send(self, now: float) -> Send | Fail:
+        remaining = self.deadline - now
+        if remaining <= 0:
+            # After a failed attempt, its error says more than the deadline does.
+            return Fail(
+                self._last_error
+                or DeadlineExceededError(
+                    f"deadline of {self.budget}s passed before {self.call.method}"
+                )
+            )
+        cluster_map = self._map
+        assert cluster_map is not None, "routed() comes before any send"
+        node_id, address = cluster_map.owner_of(self.call.key)
+        self._sent = Send(
+            node_id=node_id,
+            address=address,
+            timeout=remaining,
+            deadline=self.deadline,
+            metadata=routed_metadata(cluster_map, self._metadata),
+            lane=(address, cluster_map.epoch) if self._coalesce else None,
+            limits=cluster_map.limits,
+        )
+        return self._sent
