@@ -24,6 +24,7 @@ from kv_client.errors import (
     InternalError,
     InvalidArgumentError,
     KvError,
+    OverloadedError,
     StaleMapError,
     TooLargeError,
     UnavailableError,
@@ -126,8 +127,9 @@ ROWS: list[
     (Code.PERMISSION_DENIED, None, {}, "no", AccessDeniedError, False, False),
     (Code.UNKNOWN, None, {}, "boom", InternalError, False, False),
     (Code.INTERNAL, None, {}, "boom", InternalError, False, False),
+    (Code.RESOURCE_EXHAUSTED, Reason.OVERLOADED, {}, "limit", OverloadedError, True, False),
     # A reason this SDK does not know: the status code alone, again.
-    (Code.RESOURCE_EXHAUSTED, "OVERLOADED", {}, "limit", UnavailableError, True, False),
+    (Code.RESOURCE_EXHAUSTED, "QUOTA_NEW", {}, "limit", UnavailableError, True, False),
     (Code.FAILED_PRECONDITION, "NOT_LEADER", {}, "", FailedPreconditionError, False, False),
     (Code.UNAVAILABLE, "SOMETHING_NEW", {}, "", UnavailableError, True, False),
 ]

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from kv_common.wire import ErrorInfo, Reason, decode_status_details
+from kv_common.wire import RETRY_AFTER_MS, ErrorInfo, Reason, decode_status_details
 
 LIMIT_METADATA = "limit"
 """ErrorInfo.metadata field with the limit a TOO_LARGE refusal was measured against."""
@@ -31,6 +31,8 @@ class KvError(Exception):
 
     retriable = False
     invalid_metadata = False
+    never_ran = False
+    """True when the node said it refused the call before running it."""
 
     def __init__(
         self,
@@ -72,6 +74,22 @@ class UnavailableError(KvError):
     retriable = True
 
 
+class OverloadedError(UnavailableError):
+    """The node refused the call before running it: too much work in flight.
+
+    Because the call provably did not run, even an unconditional write may be
+    resent; the retry waits at least the node's hint (``retry_after``).
+    """
+
+    never_ran = True
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the node asked callers to wait, from the refusal's metadata."""
+        raw = self.metadata.get(RETRY_AFTER_MS)
+        return int(raw) / 1000 if raw is not None and raw.isdigit() else None
+
+
 class DeadlineExceededError(KvError):
     """The call's deadline passed before an answer came. The outcome is unknown."""
 
@@ -105,6 +123,7 @@ BY_REASON: Mapping[str, type[KvError]] = {
     Reason.BATCH_TOO_LARGE: TooLargeError,
     Reason.OWNER_UNAVAILABLE: UnavailableError,
     Reason.SHUTTING_DOWN: UnavailableError,
+    Reason.OVERLOADED: OverloadedError,
 }
 """The class of a refusal whose reason we know; it decides before the status code."""
 

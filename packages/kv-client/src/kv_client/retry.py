@@ -7,9 +7,12 @@ Which calls are retried:
   ``succeeded=False`` on the retry with the version it wrote itself; the docs
   show how to recognise that;
 - unconditional writes (put, delete) only when the request provably never ran:
-  the node said the map is stale (it refused without applying), or gRPC could
-  not connect at all. After any other failure the outcome is unknown and the
-  error goes to the caller.
+  the node said the map is stale or that it is overloaded (it refused without
+  applying), or gRPC could not connect at all. After any other failure the
+  outcome is unknown and the error goes to the caller.
+
+An overloaded node names how long to wait (``OverloadedError.retry_after``);
+the pause is never shorter than that hint.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kv_client.errors import KvError
+from kv_client.errors import KvError, OverloadedError
 
 
 class Safety(enum.Enum):
@@ -47,7 +50,7 @@ class RetryPolicy:
         if attempt + 1 >= self.max_attempts or not error.retriable:
             return False
         if safety is Safety.UNCONDITIONAL:
-            return error.invalid_metadata or never_sent
+            return error.invalid_metadata or error.never_ran or never_sent
         return True
 
 
@@ -65,5 +68,7 @@ def next_pause(
 ) -> float | None:
     """Seconds to wait before the next attempt, or None to give up and raise."""
     pause = policy.backoff(attempt)
+    if isinstance(error, OverloadedError) and error.retry_after is not None:
+        pause = max(pause, error.retry_after)
     retry = policy.should_retry(error, attempt=attempt, safety=safety, never_sent=never_sent)
     return pause if retry and pause < time_left else None
