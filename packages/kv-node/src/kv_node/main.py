@@ -17,7 +17,7 @@ from kv_node.config import (
     NodeConfig,
     build_config,
 )
-from kv_node.data_dir import ENGINES, open_store
+from kv_node.data_dir import ENGINES, discard_if_not_started, open_store
 from kv_node.server import serve
 from kv_node.store import StoreError
 from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE
@@ -100,10 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        store = open_store(
-            config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
-        )
-        asyncio.run(serve(config, store))
+        with discard_if_not_started(config.data_dir) as started:
+            store = open_store(
+                config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
+            )
+            asyncio.run(serve(config, store, ready=started))
     except (ConfigError, StoreError) as exc:
         print(f"kv-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG
