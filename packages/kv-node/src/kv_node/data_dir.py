@@ -54,9 +54,9 @@ def read_identity(data_dir: Path) -> Identity | None:
         raise StoreError(f"cannot read identity file {path}: {exc.strerror or exc}") from exc
     try:
         document = json.loads(raw)
-    except ValueError:
-        document = None
-    problem = _shape_problem(document)
+        problem = _shape_problem(document)
+    except ValueError:  # also bytes that are not UTF-8
+        problem = "not JSON"
     if problem is not None:
         raise StoreError(
             f"identity file {path} is not a kv-node identity ({problem}); "
