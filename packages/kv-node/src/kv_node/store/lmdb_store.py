@@ -199,8 +199,9 @@ class LmdbStore:
                 self._put_record(txn, key, record)
 
     def get(self, key: bytes) -> tuple[bytes, int] | None:
+        # The read path of every Get: short keys skip the long-key machinery entirely.
         with self._env.begin(db=self._data) as txn:
-            record = self._record(txn, key)
+            record = txn.get(key) if len(key) <= INLINE_KEY_BYTES else self._record(txn, key)
         if record is None:
             return None
         return record[8:], _VERSION.unpack_from(record)[0]
@@ -213,7 +214,8 @@ class LmdbStore:
         revision = self._revision
         with self._env.begin(write=True, db=self._data) as txn:
             for op in ops:
-                record = self._record(txn, op.key)
+                key = op.key
+                record = txn.get(key) if len(key) <= INLINE_KEY_BYTES else self._record(txn, key)
                 current = None if record is None else _VERSION.unpack_from(record)[0]
                 if isinstance(op, GetOp):
                     results.append(
@@ -225,10 +227,15 @@ class LmdbStore:
                 result = decide(op, current, revision + 1)
                 if result.succeeded and result.version > revision:
                     revision = result.version
-                    if isinstance(op, DeleteOp):
-                        self._delete_record(txn, op.key)
+                    if len(key) <= INLINE_KEY_BYTES:
+                        if isinstance(op, DeleteOp):
+                            txn.delete(key)
+                        else:
+                            txn.put(key, _VERSION.pack(revision) + op.value)
+                    elif isinstance(op, DeleteOp):
+                        self._delete_record(txn, key)
                     else:
-                        self._put_record(txn, op.key, _VERSION.pack(revision) + op.value)
+                        self._put_record(txn, key, _VERSION.pack(revision) + op.value)
                 results.append(result)
             if revision != self._revision:
                 txn.put(_REVISION_KEY, _VERSION.pack(revision), db=self._meta)
