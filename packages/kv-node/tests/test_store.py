@@ -232,3 +232,10 @@ def test_one_store_is_opened_by_one_process_at_a_time(tmp_path: Path) -> None:
         LmdbStore(tmp_path / "db")
     first.close()
     LmdbStore(tmp_path / "db").close()
+
+
+@pytest.mark.parametrize("map_size", [-1, 1, 4096, 10**21])
+def test_a_map_size_lmdb_cannot_use_is_a_store_error(tmp_path: Path, map_size: int) -> None:
+    with pytest.raises(StoreError, match="cannot open LMDB store"):
+        LmdbStore(tmp_path / "db", map_size=map_size)
+    LmdbStore(tmp_path / "db").close()  # nothing was left locked or half-made

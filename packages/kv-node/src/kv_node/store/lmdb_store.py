@@ -150,11 +150,16 @@ class LmdbStore:
                 max_readers=256,
                 **DURABLE_FLAGS,
             )
-        except (lmdb.Error, OSError) as exc:
+        except (lmdb.Error, OSError, OverflowError, ValueError) as exc:
+            # OverflowError: a map size LMDB's C API cannot take (negative, or over 64 bits).
             os.close(self._lock_fd)
             raise StoreError(f"cannot open LMDB store in {path}: {exc}") from exc
         try:
             self._prepare(path)
+        except lmdb.Error as exc:
+            # MDB_MAP_FULL here: a map too small for even the store's own bookkeeping.
+            self.close()
+            raise StoreError(f"cannot open LMDB store in {path}: {exc}") from exc
         except BaseException:
             self.close()
             raise
