@@ -69,6 +69,16 @@ def test_a_format_1_directory_is_upgraded_with_its_data(tmp_path: Path) -> None:
         open_store("lmdb", data_dir, "n1")
 
 
+def test_a_format_1_directory_whose_store_vanished_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "n1"
+    (data_dir / "lmdb").mkdir(parents=True)
+    (data_dir / "lmdb" / "lock.mdb").write_bytes(b"")
+    (data_dir / IDENTITY_FILE).write_text(json.dumps({"node_id": "n1", "format": 1}))
+    with pytest.raises(StoreError, match=r"data\.mdb is missing from a store created there"):
+        open_store("lmdb", data_dir, "n1")
+    assert not (data_dir / "lmdb" / "data.mdb").exists()
+
+
 def test_a_start_interrupted_before_the_identity_was_written_is_resumed(tmp_path: Path) -> None:
     """A store with nothing in it and no identity is what a first start leaves if it dies early."""
     store = open_store("lmdb", tmp_path / "n1", "n1")

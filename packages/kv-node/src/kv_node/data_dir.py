@@ -184,6 +184,11 @@ def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
                 f"the LMDB store in {lmdb_dir} is not the one {IDENTITY_FILE} records "
                 f"({info.store_id} instead of {identity.lmdb_store_id})"
             )
+    elif identity is not None and identity.format == 1 and info is None and lmdb_dir.exists():
+        # Format 1 recorded no store id, but its nodes created lmdb/ with data.mdb in it at once.
+        raise StoreError(
+            f"{lmdb_dir / DATA_FILE} is missing from a store created there; refusing to start empty"
+        )
     elif identity is None and info is not None and info.revision > 0:
         raise StoreError(
             f"{lmdb_dir} holds data but {data_dir} has no {IDENTITY_FILE}; "

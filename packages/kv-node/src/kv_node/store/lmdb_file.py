@@ -8,7 +8,8 @@ Reading them with plain file I/O, before any mapping, turns both failures
 into a refusal that names the file.
 
 Offsets are those of LMDB 0.9 on a 64-bit build (checked against files it
-wrote): a meta page is a 16-byte page header followed by ``MDB_meta``.
+wrote): a meta page is a 16-byte page header followed by ``MDB_meta``, in the
+machine's own byte order, as LMDB writes it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ MAGIC = 0xBEEFC0DE
 FORMAT_VERSION = 1
 META_PAGES = 2
 _PAGE_HEADER_BYTES = 16
-_HEAD = struct.Struct("<IIQQ")  # mm_magic, mm_version, mm_address, mm_mapsize
+_HEAD = struct.Struct("=IIQQ")  # mm_magic, mm_version, mm_address, mm_mapsize
 _PAGE_SIZE_OFFSET = _PAGE_HEADER_BYTES + 24  # mm_dbs[FREE_DBI].md_pad holds the page size
-_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
+_TAIL = struct.Struct("=QQ")  # mm_last_pg, mm_txnid
 _TAIL_OFFSET = _PAGE_HEADER_BYTES + 120
 _MIN_PAGE_SIZE = 512
 _MAX_PAGE_SIZE = 65536
@@ -70,7 +71,7 @@ def _read_meta(path: Path, page: bytes, available: int) -> Meta:
         raise StoreError(f"{path} is not an LMDB data file (bad magic number)")
     if version != FORMAT_VERSION:
         raise StoreError(f"{path} has LMDB format {version}; this build reads {FORMAT_VERSION}")
-    (page_size,) = struct.unpack_from("<I", page, _PAGE_SIZE_OFFSET)
+    (page_size,) = struct.unpack_from("=I", page, _PAGE_SIZE_OFFSET)
     if not _MIN_PAGE_SIZE <= page_size <= _MAX_PAGE_SIZE or page_size & (page_size - 1):
         raise StoreError(f"{path} is damaged: page size {page_size} is impossible")
     last_page, txnid = _TAIL.unpack_from(page, _TAIL_OFFSET)
