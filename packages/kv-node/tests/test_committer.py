@@ -190,3 +190,20 @@ def test_ops_on_one_key_apply_in_order_and_reads_see_the_writes_before_them(
         ReadResult(b"3", 4),
     ]
     store.close()
+
+
+def test_a_caller_is_answered_only_after_its_commit_returns(store: GatedStore) -> None:
+    """With the engine's synced commits (test_store), this is what makes an ack mean on disk."""
+
+    async def scenario() -> tuple[bool, WriteResult]:
+        committer = GroupCommitter(store)
+        first = await commit_in_progress(committer, store)
+        await asyncio.sleep(0)
+        answered_before_commit = first.done()
+        store.gate.set()
+        return answered_before_commit, await first
+
+    answered_before_commit, result = run(scenario())
+    assert not answered_before_commit
+    assert result == WriteResult(succeeded=True, found=False, version=1)
+    store.close()
