@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import Cluster, run_node_command
+from harness import Cluster, NodeProcess, run_node_command
+from kv_client import Client
 from kv_node.data_dir import IDENTITY_FILE, open_store
 from kv_node.store import PutOp
 from kv_tools.local_cluster import free_port
@@ -77,6 +78,35 @@ def refuse(data_dir: Path, *, watch: Path | None = None, listen: str | None = No
     assert lines[0].startswith("kv-node: "), lines
     assert snapshot(watched) == before, "a refused start changed the directory"
     return str(lines[0])
+
+
+def serve_and_read_back(data_dir: Path) -> None:
+    """Start a real node on ``data_dir`` and check every key ``used_data_dir`` wrote."""
+    address = f"127.0.0.1:{free_port()}"
+    node = NodeProcess(NODE_ID, address, data_dir, f"{NODE_ID}={address}")
+    node.start()
+    try:
+        node.wait_ready()
+        with Client(address, timeout=10.0) as kv:
+            assert kv.node_status(address).keys_stored == KEYS_WRITTEN
+            for i in (0, KEYS_WRITTEN // 2, KEYS_WRITTEN - 1):
+                assert kv.get(b"key-%d" % i) == b"value-%d" % i * 20
+        assert node.terminate() == 0, node.output()
+    finally:
+        node.kill()
+
+
+def test_the_undamaged_directory_starts_and_serves_its_data(tmp_path: Path) -> None:
+    """The control for every refusal below: the same directory, undamaged, is served."""
+    serve_and_read_back(used_data_dir(tmp_path))
+
+
+def test_a_garbage_lock_file_is_rebuilt_not_refused(tmp_path: Path) -> None:
+    """lock.mdb holds only reader slots, which LMDB resets when the first process opens it."""
+    data_dir = used_data_dir(tmp_path)
+    lock = data_dir / "lmdb" / "lock.mdb"
+    lock.write_bytes(os.urandom(lock.stat().st_size))
+    serve_and_read_back(data_dir)
 
 
 def _truncate_to_half(data_dir: Path) -> None:
