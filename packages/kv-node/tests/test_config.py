@@ -161,7 +161,7 @@ def test_a_failed_start_leaves_a_fresh_data_dir_as_it_was(
 ) -> None:
     """Whatever fails after the store was opened, a fresh directory is removed again."""
 
-    async def fails(config: NodeConfig, store: object) -> None:
+    async def fails(config: NodeConfig, store: object, *, ready: object = None) -> None:
         raise ConfigError("cannot listen on 127.0.0.1:1: it was taken meanwhile")
 
     monkeypatch.setattr(kv_node.main, "serve", fails)
@@ -179,7 +179,7 @@ def test_a_failed_start_leaves_a_fresh_data_dir_as_it_was(
     assert not (tmp_path / "new").exists()
     assert empty.is_dir() and list(empty.iterdir()) == []
     assert (used / "keep.txt").read_text() == "operator's file"
-    assert (used / "kv-node.json").exists(), "a used directory is never cleaned up"
+    assert sorted(p.name for p in used.iterdir()) == ["keep.txt"], "only what the start made goes"
 
 
 def test_port_in_use_is_refused_before_the_data_dir_is_touched(

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import NoReturn
 
 from kv_node.config import ConfigError, NodeConfig, config_flags
-from kv_node.data_dir import open_store
+from kv_node.data_dir import discard_if_not_started, open_store
 from kv_node.server import check_bindable, serve
 from kv_node.store import StoreError
 
@@ -47,33 +45,6 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(**vars(args))
 
 
-def undo_for_fresh(data_dir: Path | None) -> Callable[[], None]:
-    """What removes the files a failed start created, when the data directory was fresh.
-
-    A directory that was absent or empty before this start holds only what this start
-    made, so removing it leaves the disk as the operator had it. A used one is never
-    touched.
-    """
-    if data_dir is None:
-        return lambda: None
-    if data_dir.exists():
-        if not data_dir.is_dir() or any(data_dir.iterdir()):
-            return lambda: None
-
-        def empty_again() -> None:
-            for entry in data_dir.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-
-        return empty_again
-    top = data_dir
-    while not top.parent.exists():
-        top = top.parent
-    return lambda: shutil.rmtree(top, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -85,14 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kv-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    undo = undo_for_fresh(config.data_dir)
     try:
-        store = open_store(
-            config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
-        )
-        asyncio.run(serve(config, store))
+        with discard_if_not_started(config.data_dir) as started:
+            store = open_store(
+                config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
+            )
+            asyncio.run(serve(config, store, ready=started))
     except (ConfigError, StoreError) as exc:
-        undo()
         print(f"kv-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0

@@ -36,7 +36,17 @@ from kv_node.routing import (
     Router,
     forward_budget,
 )
-from kv_node.store import DeleteOp, PutOp, Store, WriteOp, WriteResult
+from kv_node.store import (
+    DeleteOp,
+    GetOp,
+    Op,
+    Outcome,
+    PutOp,
+    ReadResult,
+    Store,
+    WriteOp,
+    WriteResult,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response", bound=Message)
@@ -150,18 +160,13 @@ def _error_result(refusal: Refusal) -> kv_pb2.OperationResult:
     )
 
 
-def _write_result(op: WriteOp, outcome: WriteResult) -> kv_pb2.OperationResult:
+def _local_result(op: Op, outcome: Outcome) -> kv_pb2.OperationResult:
+    if isinstance(outcome, ReadResult):
+        found = None if outcome.value is None else (outcome.value, outcome.version)
+        return kv_pb2.OperationResult(get=_get_response(found))
     if isinstance(op, PutOp):
         return kv_pb2.OperationResult(put=_put_response(outcome))
     return kv_pb2.OperationResult(delete=_delete_response(outcome))
-
-
-@dataclass
-class _Step:
-    """Local writes committed together, then the reads that must see exactly them."""
-
-    writes: list[tuple[int, WriteOp]] = field(default_factory=list)
-    reads: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -169,12 +174,13 @@ class BatchPlan:
     """Where each operation of one Batch goes, keeping per-key order.
 
     A Get is answered at planning time unless an earlier operation of the batch wrote its
-    key; then it waits for the writes before it (and only those) to commit. Operations on
-    keys owned elsewhere go to their owner as one Batch each, which applies the same rule.
+    key; then it becomes a ``GetOp`` in the local op list, which the committer applies in
+    order in one transaction, so it sees exactly the writes before it. Operations on keys
+    owned elsewhere go to their owner as one Batch each, which applies the same rule.
     """
 
     results: list[kv_pb2.OperationResult | None]
-    steps: list[_Step] = field(default_factory=lambda: [_Step()])
+    local: list[tuple[int, Op]] = field(default_factory=list)
     remote: defaultdict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
@@ -185,7 +191,7 @@ def plan_batch(
     read: Callable[[bytes], tuple[bytes, int] | None],
 ) -> BatchPlan:
     plan = BatchPlan(results=[None] * len(operations))
-    results, steps, remote = plan.results, plan.steps, plan.remote
+    results, local, remote = plan.results, plan.local, plan.remote
     written: set[bytes] = set()
     route = router.route
     # The hot loop of the node: keep per-operation work to plain attribute access.
@@ -198,13 +204,11 @@ def plan_batch(
         if decision is LOCAL:
             if kind == "get":
                 if key in written:
-                    steps[-1].reads.append(index)
+                    local.append((index, GetOp(key)))
                 else:
                     results[index] = kv_pb2.OperationResult(get=_get_response(read(key)))
             else:
-                if steps[-1].reads:
-                    steps.append(_Step())
-                steps[-1].writes.append((index, _write_op(single)))  # type: ignore[arg-type]
+                local.append((index, _write_op(single)))  # type: ignore[arg-type]
                 written.add(key)
         elif isinstance(decision, Forward):
             remote[decision.owner].append(index)
@@ -271,14 +275,11 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         results = plan.results
 
         async def commit_local() -> None:
-            for step in plan.steps:
-                if step.writes:
-                    outcomes = await node.committer.write_many([op for _, op in step.writes])
-                    for (index, op), outcome in zip(step.writes, outcomes, strict=True):
-                        results[index] = _write_result(op, outcome)
-                for index in step.reads:
-                    found = node.store.get(operations[index].get.key)
-                    results[index] = kv_pb2.OperationResult(get=_get_response(found))
+            if not plan.local:
+                return
+            outcomes = await node.committer.apply([op for _, op in plan.local])
+            for (index, op), outcome in zip(plan.local, outcomes, strict=True):
+                results[index] = _local_result(op, outcome)
 
         async def forward_group(owner: str, indexes: list[int]) -> None:
             group = kv_pb2.BatchRequest(operations=[operations[i] for i in indexes])

@@ -8,9 +8,17 @@ on versions has no ABA problem.
 Operations and results are NamedTuples: immutable like frozen dataclasses, but
 several times cheaper to create, and the batch path creates millions.
 
-Writes arrive in batches (``Store.write``) that the engine applies atomically
-and, for a durable engine, makes durable before returning. The node's group
-committer gathers concurrent writes into one batch, so one fsync serves many.
+Writes arrive in batches (``Store.apply``) that the engine applies in order
+and atomically and, for a durable engine, makes durable before returning. A
+batch may mix reads (``GetOp``) with writes: a read sees exactly the batch's
+writes before it, which is what lets a client Batch of put, get, put, get on
+one key answer each get with the value written just before it. The node's
+group committer gathers concurrent callers' batches into one, so one fsync
+serves many.
+
+Every engine stores every key the API accepts (1..MAX_KEY_BYTES); an engine
+with a smaller native key limit maps long keys internally (see the LMDB
+engine and docs/decisions/0003-long-keys.md).
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ class DeleteOp(NamedTuple):
     if_version: int | None = None
 
 
+class GetOp(NamedTuple):
+    """A read placed among writes: it sees the writes before it in the same batch."""
+
+    key: bytes
+
+
 WriteOp = PutOp | DeleteOp
+Op = PutOp | DeleteOp | GetOp
 
 
 class WriteResult(NamedTuple):
@@ -41,6 +56,17 @@ class WriteResult(NamedTuple):
     """Whether the key existed before the op."""
     version: int
     """The revision written (puts, and deletes of a present key) or the current version."""
+
+
+class ReadResult(NamedTuple):
+    value: bytes | None
+    """None when the key is absent at that point of the batch."""
+    version: int
+    """The key's version, 0 when absent."""
+
+
+Outcome = WriteResult | ReadResult
+"""What one op produced: a WriteResult for PutOp and DeleteOp, a ReadResult for GetOp."""
 
 
 class StoreError(Exception):
@@ -57,6 +83,13 @@ class Store(Protocol):
 
     def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         """Apply ops in order as one atomic (and, if durable, synced) transaction."""
+        ...
+
+    def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+        """Like ``write``, with reads among the writes; one outcome per op, in order.
+
+        If it raises, nothing of ``ops`` was applied.
+        """
         ...
 
     def count(self) -> int: ...

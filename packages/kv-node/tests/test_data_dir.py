@@ -1,0 +1,115 @@
+"""The data directory's identity, in process: upgrades, interrupted starts, clean-up.
+
+The refusals themselves run against real processes in tests/test_damaged_disk.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from kv_node.data_dir import (
+    IDENTITY_FILE,
+    IDENTITY_FORMAT,
+    discard_if_not_started,
+    open_store,
+    read_identity,
+)
+from kv_node.store import PutOp, StoreError
+from kv_node.store.lmdb_store import LmdbStore
+
+
+class StartFailed(Exception):
+    pass
+
+
+def start_then_fail(data_dir: Path, *, started_first: bool) -> None:
+    """What main does: open the store, maybe report the node started, then fail."""
+    with discard_if_not_started(data_dir) as started:
+        open_store("lmdb", data_dir, "n1").close()
+        if started_first:
+            started()
+        raise StartFailed
+
+
+def test_a_new_store_is_recorded_in_the_identity(tmp_path: Path) -> None:
+    store = open_store("lmdb", tmp_path / "n1", "n1")
+    assert isinstance(store, LmdbStore)
+    store_id = store.store_id
+    store.close()
+    identity = read_identity(tmp_path / "n1")
+    assert identity is not None
+    assert (identity.node_id, identity.format, identity.lmdb_store_id) == (
+        "n1",
+        IDENTITY_FORMAT,
+        store_id,
+    )
+
+
+def test_a_format_1_directory_is_upgraded_with_its_data(tmp_path: Path) -> None:
+    """Directories written before store ids existed keep working and gain one."""
+    data_dir = tmp_path / "n1"
+    (data_dir / "lmdb").mkdir(parents=True)
+    (data_dir / IDENTITY_FILE).write_text(json.dumps({"node_id": "n1", "format": 1}))
+    env = lmdb.open(str(data_dir / "lmdb"), max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.put(b"k", (5).to_bytes(8, "big") + b"v", db=env.open_db(b"data", txn=txn))
+        txn.put(b"revision", (5).to_bytes(8, "big"), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    store = open_store("lmdb", data_dir, "n1")
+    assert store.get(b"k") == (b"v", 5) and store.revision == 5
+    store.close()
+    identity = read_identity(data_dir)
+    assert identity is not None and identity.format == 2 and identity.lmdb_store_id is not None
+    (data_dir / "lmdb" / "data.mdb").unlink()
+    with pytest.raises(StoreError, match=r"data\.mdb is missing"):
+        open_store("lmdb", data_dir, "n1")
+
+
+def test_a_format_1_directory_whose_store_vanished_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "n1"
+    (data_dir / "lmdb").mkdir(parents=True)
+    (data_dir / "lmdb" / "lock.mdb").write_bytes(b"")
+    (data_dir / IDENTITY_FILE).write_text(json.dumps({"node_id": "n1", "format": 1}))
+    with pytest.raises(StoreError, match=r"data\.mdb is missing from a store created there"):
+        open_store("lmdb", data_dir, "n1")
+    assert not (data_dir / "lmdb" / "data.mdb").exists()
+
+
+def test_a_start_interrupted_before_the_identity_was_written_is_resumed(tmp_path: Path) -> None:
+    """A store with nothing in it and no identity is what a first start leaves if it dies early."""
+    store = open_store("lmdb", tmp_path / "n1", "n1")
+    store.close()
+    (tmp_path / "n1" / IDENTITY_FILE).unlink()
+    again = open_store("lmdb", tmp_path / "n1", "n1")
+    (result,) = again.write([PutOp(b"k", b"v")])
+    assert result.version == 1
+    again.close()
+    assert read_identity(tmp_path / "n1") is not None
+
+
+def test_a_failed_start_removes_only_what_it_created(tmp_path: Path) -> None:
+    data_dir = tmp_path / "n1"
+    data_dir.mkdir()
+    (data_dir / "lost+found").mkdir()
+    (data_dir / "notes.txt").write_text("the operator's")
+    with pytest.raises(StartFailed):
+        start_then_fail(data_dir, started_first=False)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["lost+found", "notes.txt"]
+
+
+def test_a_started_node_keeps_its_data_dir_whatever_happens_later(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "n1"
+    with pytest.raises(StartFailed):
+        start_then_fail(data_dir, started_first=True)
+    assert (data_dir / IDENTITY_FILE).exists() and (data_dir / "lmdb" / "data.mdb").exists()
+
+
+def test_a_failed_open_leaves_a_fresh_directory_absent(tmp_path: Path) -> None:
+    """LMDB refuses a map it cannot reserve after the directory was claimed: nothing stays."""
+    with pytest.raises(StoreError, match="cannot open LMDB store"):
+        open_store("lmdb", tmp_path / "new" / "n1", "n1", map_size=1 << 62)
+    assert not (tmp_path / "new").exists()
