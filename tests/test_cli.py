@@ -175,6 +175,16 @@ def _owned_keys(addresses: str, count: int) -> dict[str, list[str]]:
     return by_node
 
 
+def _node_pids(data: Path) -> dict[str, int]:
+    """The pids of the nodes kv cluster up says are running."""
+    state = json.loads((data / "state.json").read_text())
+    return {
+        node_id: entry["process"]["pid"]
+        for node_id, entry in state["nodes"].items()
+        if entry["process"] is not None
+    }
+
+
 def _read_back(addresses: str, keys: list[str]) -> dict[str, bytes | None]:
     with Client(addresses, timeout=5.0) as client:
         return {key: client.get(key) for key in keys}
@@ -234,17 +244,29 @@ def test_cluster_up_survives_a_node_death_and_mends_it(tmp_path: Path) -> None:
         assert (
             kv("cluster", "stop", "n1", "--data", str(data)).stdout == "node n1 is already down\n"
         )
+        running = _node_pids(data)
+        assert sorted(running) == ["n2", "n3"]
+    # Ctrl-C stopped every node that was still running.
     assert "stopped 2 nodes" in up.output()
+    assert not [pid for pid in running.values() if Path(f"/proc/{pid}").exists()]
 
     # With no supervisor, start is refused and a stale record is never signalled.
     refused = kv("cluster", "start", "n1", "--data", str(data))
     assert refused.returncode == 2 and "no kv cluster up is running" in refused.stderr
-    state = json.loads((data / "state.json").read_text())
-    state["supervisor"] = {"pid": os.getpid(), "started": 1}
-    state["nodes"]["n1"]["process"] = {"pid": os.getpid(), "started": 1}
-    (data / "state.json").write_text(json.dumps(state))
-    stale = kv("cluster", "kill", "n1", "--data", str(data))
-    assert (stale.returncode, stale.stdout) == (0, "node n1 is already down\n")
+    bystander = launcher.spawn(
+        [sys.executable, "-c", "import time; time.sleep(600)"], tmp_path / "bystander.log"
+    )
+    try:
+        # A record left by a dead supervisor whose pid now names an unrelated process.
+        state = json.loads((data / "state.json").read_text())
+        state["supervisor"] = {"pid": bystander.pid, "started": 1}
+        state["nodes"]["n1"]["process"] = {"pid": bystander.pid, "started": 1}
+        (data / "state.json").write_text(json.dumps(state))
+        stale = kv("cluster", "kill", "n1", "--data", str(data))
+        assert (stale.returncode, stale.stdout) == (0, "node n1 is already down\n")
+        assert bystander.poll() is None, "a stale pid was signalled"
+    finally:
+        launcher.kill(bystander)
 
     # Running kv cluster up again brings every node back with its data.
     with cluster_up(data):
