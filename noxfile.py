@@ -14,7 +14,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "uv"
-nox.options.sessions = ["lint", "typecheck", "tests", "sim", "cluster_e2e"]
+nox.options.sessions = ["lint", "typecheck", "sdk_install", "tests", "sim", "cluster_e2e"]
 nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).parent
@@ -120,6 +120,35 @@ def typecheck(session: nox.Session) -> None:
         env={"MYPYPATH": "packages/kv-node/tests"},
     )
     session.run("mypy", "--strict", "tests", env={"MYPYPATH": "tests"})
+
+
+SDK_PACKAGES = ["kv-proto", "kv-common", "kv-client"]
+NOT_FOR_SDK_USERS = [
+    "kv-node",
+    "kv-tools",
+    "kv-raft",
+    "grpcio-reflection",
+    "lmdb",
+    "matplotlib",
+    "redis",
+]
+
+
+@nox.session(python="3.11")
+def sdk_install(session: nox.Session) -> None:
+    """`pip install kv-client` alone installs, imports, and brings nothing of node or tools."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SDK_PACKAGES:
+            session.run("uv", "build", "--wheel", "--package", name, "--out-dir", tmp, silent=True)
+        # Wheels by path, so that a same-named project on PyPI can never stand in for ours.
+        session.install(*sorted(str(wheel) for wheel in Path(tmp).glob("*.whl")))
+    probe = (
+        "import importlib.metadata as m, sys; import kv_client; "
+        f"unwanted = [d for d in {NOT_FOR_SDK_USERS!r} if d in "
+        "{x.metadata['Name'].lower() for x in m.distributions()}]; "
+        "sys.exit(f'the SDK pulled in {unwanted}' if unwanted else 0)"
+    )
+    session.run("python", "-c", probe)
 
 
 @nox.session(python="3.11")

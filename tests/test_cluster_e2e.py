@@ -7,6 +7,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import Cluster
 from kv.v1 import kv_pb2, kv_pb2_grpc
@@ -79,17 +80,46 @@ def test_three_nodes_route_forward_survive_a_kill_and_restart(three_nodes: Clust
     assert got.value == ("v-" + lost[0]).encode()
 
 
-def test_metrics_endpoint_reports_requests_and_keys(three_nodes: Cluster) -> None:
-    node = three_nodes.nodes["n1"]
-    with Client(three_nodes.addresses) as kv:
-        for i in range(30):
-            kv.put(f"m{i}", "v")
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5) as response:
+def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a node's /metrics, by name and sorted labels."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
         text = response.read().decode()
-    assert 'kv_requests_total{method="Put",outcome="OK"}' in text
-    assert "kv_request_duration_seconds_bucket" in text
-    assert "kv_keys_stored" in text
-    assert "kv_forwarded_requests_total" in text or "kv_forwarded_requests" in text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_what_each_node_served_and_forwarded(three_nodes: Cluster) -> None:
+    """Puts sent to n1 without routing: n1 forwards each one it does not own, once."""
+    keys = [f"m{i}" for i in range(60)]
+    with Client(three_nodes.addresses) as kv:
+        owners = {key: kv.locate(key).node_id for key in keys}
+    n1 = three_nodes.nodes["n1"]
+    raw = kv_pb2_grpc.KVServiceStub(grpc.insecure_channel(n1.address))
+    for key in keys:
+        assert raw.Put(kv_pb2.PutRequest(key=key.encode(), value=b"v"), timeout=5).succeeded
+    with pytest.raises(grpc.RpcError):
+        raw.Get(kv_pb2.GetRequest(key=b""), timeout=5)
+
+    owned = {
+        node_id: sum(1 for o in owners.values() if o == node_id) for node_id in three_nodes.nodes
+    }
+    assert all(owned.values()), owned  # every node owns some of the keys
+    put_ok = ("kv_requests_total", (("method", "Put"), ("outcome", "OK")))
+    forwarded = ("kv_forwarded_requests_total", (("method", "Put"),))
+    refused = ("kv_requests_total", (("method", "Get"), ("outcome", "INVALID_ARGUMENT")))
+    n1_metrics = scrape(n1.metrics or "")
+    assert n1_metrics[put_ok] == len(keys)
+    assert n1_metrics[forwarded] == len(keys) - owned["n1"]
+    assert n1_metrics[refused] == 1
+    assert n1_metrics[("kv_keys_stored", ())] == owned["n1"]
+    for node_id in ("n2", "n3"):
+        samples = scrape(three_nodes.nodes[node_id].metrics or "")
+        assert samples[put_ok] == owned[node_id], node_id  # only what n1 forwarded to it
+        assert samples.get(forwarded, 0.0) == 0.0, node_id
+        assert samples[("kv_keys_stored", ())] == owned[node_id]
 
 
 def test_health_and_reflection(three_nodes: Cluster) -> None:

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kv_node.testing import InProcessCluster
+from kv_node.testing import HungOwner, InProcessCluster
 
 
 @pytest.fixture
@@ -21,3 +21,12 @@ def cluster_with_c_down() -> Iterator[InProcessCluster]:
     nodes.start()
     yield nodes
     nodes.stop()
+
+
+@pytest.fixture
+def hung_owner() -> Iterator[HungOwner]:
+    owner = HungOwner()
+    try:
+        yield owner
+    finally:
+        owner.stop()

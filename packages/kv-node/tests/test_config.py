@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kv_node.config import ConfigError, NodeConfig, build_config, parse_cluster
-from kv_node.main import config_from_args, parser
+import kv_node.main
+from kv_node.config import ConfigError, NodeConfig, parse_cluster
+from kv_node.main import EXIT_CONFIG, config_from_args, main, parser
+from kv_node.testing import free_port
 
 CLUSTER = "a=127.0.0.1:7001,b=127.0.0.1:7002,c=127.0.0.1:7003"
 
@@ -18,13 +22,13 @@ def config(*argv: str) -> NodeConfig:
 def test_listen_and_advertise_default_to_the_cluster_entry(tmp_path: Path) -> None:
     cfg = config("--id", "b", "--cluster", CLUSTER, "--data-dir", str(tmp_path))
     assert (cfg.listen, cfg.advertise) == ("127.0.0.1:7002", "127.0.0.1:7002")
-    assert [m.node_id for m in cfg.cluster.members] == ["a", "b", "c"]
-    assert cfg.cluster.epoch == 1
+    assert [m.node_id for m in cfg.cluster_map.members] == ["a", "b", "c"]
+    assert cfg.cluster_map.epoch == 1
 
 
 def test_single_node_without_cluster_list() -> None:
     cfg = config("--id", "solo", "--listen", "127.0.0.1:7009", "--engine", "memory")
-    assert [m.address for m in cfg.cluster.members] == ["127.0.0.1:7009"]
+    assert [m.address for m in cfg.cluster_map.members] == ["127.0.0.1:7009"]
 
 
 @pytest.mark.parametrize(
@@ -48,12 +52,8 @@ def test_malformed_cluster_lists_are_refused(cluster: str, message: str) -> None
 def _build(**overrides: Any) -> NodeConfig:
     settings: dict[str, Any] = {
         "node_id": "a",
-        "listen": None,
-        "advertise": None,
         "cluster": CLUSTER,
         "engine": "memory",
-        "data_dir": None,
-        "metrics_listen": None,
         "max_value_bytes": 1024,
         "max_batch_ops": 10,
         "max_batch_bytes": 4096,
@@ -64,7 +64,7 @@ def _build(**overrides: Any) -> NodeConfig:
         "lmdb_map_size": 1 << 20,
     }
     settings.update(overrides)
-    return build_config(**settings)
+    return NodeConfig(**settings)
 
 
 @pytest.mark.parametrize(
@@ -72,13 +72,28 @@ def _build(**overrides: Any) -> NodeConfig:
     [
         ({"node_id": "z"}, "node id 'z' is not in the cluster list"),
         ({"node_id": "bad id!"}, "must be 1-64 characters"),
+        ({"node_id": ""}, "must be 1-64 characters"),
         ({"advertise": "127.0.0.1:9999"}, "but it advertises"),
         ({"partitions": 100}, "power of two"),
-        ({"max_value_bytes": 0}, "--max-value-bytes must be at least 1"),
-        ({"forward_timeout": 0}, "--forward-timeout must be positive"),
+        ({"max_value_bytes": 0}, "--max-value-bytes must be between 1 and"),
+        ({"max_value_bytes": 10_000_000_000}, "--max-value-bytes must be between 1 and"),
+        ({"max_batch_bytes": 2**31}, "--max-batch-bytes must be between 1 and"),
+        ({"max_batch_ops": -1}, "--max-batch-ops must be between 1 and"),
+        ({"vnodes": 0}, "--vnodes must be between 1 and"),
+        ({"vnodes": 10**9}, "--vnodes must be between 1 and"),
+        ({"lmdb_map_size": -1}, "--lmdb-map-size must be between"),
+        ({"lmdb_map_size": 1}, "--lmdb-map-size must be between"),
+        ({"max_in_flight": 0}, "--max-in-flight must be between"),
+        ({"forward_timeout": 0}, "--forward-timeout must be more than 0"),
+        ({"forward_timeout": float("nan")}, "--forward-timeout must be more than 0"),
+        ({"forward_timeout": float("inf")}, "--forward-timeout must be more than 0"),
+        ({"drain_seconds": -1}, "--drain-seconds must be at least 0"),
+        ({"drain_seconds": float("nan")}, "--drain-seconds must be at least 0"),
+        ({"cluster": ""}, "the cluster list is empty"),
         ({"engine": "lmdb"}, "the lmdb engine needs --data-dir"),
         ({"metrics_listen": "nonsense"}, "metrics address"),
         ({"cluster": None, "listen": None}, "give --listen"),
+        ({"cluster": None, "listen": ""}, "is not host:port"),
     ],
 )
 def test_bad_settings_are_refused_with_one_clear_line(
@@ -89,6 +104,90 @@ def test_bad_settings_are_refused_with_one_clear_line(
     assert "\n" not in str(info.value)
 
 
+def test_every_field_is_a_flag_with_its_default() -> None:
+    """The parser is derived from the dataclass: each field's default is the flag's."""
+    args = parser().parse_args(["--id", "a", "--engine", "memory", "--listen", "h:1"])
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig) if f.init}
+    assert set(vars(args)) == set(defaults)
+    for name, default in defaults.items():
+        if name not in ("node_id", "engine", "listen"):
+            assert getattr(args, name) == default, name
+
+
+def test_published_limits_are_the_configured_ones() -> None:
+    cfg = _build(max_value_bytes=77, max_batch_ops=5, max_batch_bytes=999)
+    limits = cfg.cluster_map.limits
+    assert (limits.max_value_bytes, limits.max_batch_ops, limits.max_batch_bytes) == (77, 5, 999)
+
+
 def test_message_ceiling_fits_the_largest_request() -> None:
     cfg = _build(max_value_bytes=2_000_000, max_batch_bytes=100)
     assert cfg.max_message_bytes > 2_000_000 + 4096
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-value-bytes", "10000000000"], "--max-value-bytes must be between"),
+        (["--lmdb-map-size", "-1"], "--lmdb-map-size must be between"),
+        (["--lmdb-map-size", "1"], "--lmdb-map-size must be between"),
+        (["--forward-timeout", "nan"], "--forward-timeout must be more than 0"),
+        (["--drain-seconds", "-1"], "--drain-seconds must be at least 0"),
+        (["--cluster", ""], "the cluster list is empty"),
+        (["--max-batch-ops", "many"], "argument --max-batch-ops: invalid int value"),
+        (["--data-dir", ""], "argument --data-dir: invalid"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_nonsense_flags_exit_2_with_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fresh = tmp_path / "fresh"
+    base = ["--id", "a", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(fresh)]
+    code: int | str | None
+    try:
+        code = main([*base, *argv])
+    except SystemExit as exit_:
+        code = exit_.code  # argparse's own refusals
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG, err
+    assert err.count("\n") == 1 and err.startswith("kv-node: "), err
+    assert message in err
+    assert not fresh.exists(), "a refused start left files behind"
+
+
+def test_a_failed_start_leaves_a_fresh_data_dir_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever fails after the store was opened, a fresh directory is removed again."""
+
+    async def fails(config: NodeConfig, store: object) -> None:
+        raise ConfigError("cannot listen on 127.0.0.1:1: it was taken meanwhile")
+
+    monkeypatch.setattr(kv_node.main, "serve", fails)
+    absent = tmp_path / "new" / "deeper"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("operator's file")
+    for data_dir in (absent, empty, used):
+        port = free_port()
+        code = main(["--id", "a", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)])
+        assert code == EXIT_CONFIG
+        assert "taken meanwhile" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert empty.is_dir() and list(empty.iterdir()) == []
+    assert (used / "keep.txt").read_text() == "operator's file"
+    assert (used / "kv-node.json").exists(), "a used directory is never cleaned up"
+
+
+def test_port_in_use_is_refused_before_the_data_dir_is_touched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fresh = tmp_path / "fresh"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert main(["--id", "a", "--listen", address, "--data-dir", str(fresh)]) == EXIT_CONFIG
+    assert f"cannot listen on {address}" in capsys.readouterr().err
+    assert not fresh.exists()

@@ -51,6 +51,13 @@ class Reason(StrEnum):
     NOT_OWNER = "NOT_OWNER"
     OWNER_UNAVAILABLE = "OWNER_UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    OVERLOADED = "OVERLOADED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"
+
+
+RETRY_AFTER_MS = "retry_after_ms"
+"""ErrorInfo.metadata key of an OVERLOADED refusal: milliseconds to wait before retrying."""
 
 
 @dataclass(frozen=True, slots=True)

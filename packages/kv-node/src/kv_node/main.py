@@ -1,110 +1,98 @@
-"""The ``kv-node`` command."""
+"""The ``kv-node`` command: flags in, a serving node out, or one line and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from kv_common.limits import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_OPS, DEFAULT_MAX_VALUE_BYTES
-from kv_common.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES
-from kv_node.config import (
-    DEFAULT_DRAIN_SECONDS,
-    DEFAULT_FORWARD_TIMEOUT,
-    ConfigError,
-    NodeConfig,
-    build_config,
-)
-from kv_node.data_dir import ENGINES, open_store
-from kv_node.server import serve
+from kv_node.config import ConfigError, NodeConfig, config_flags
+from kv_node.data_dir import open_store
+from kv_node.server import check_bindable, serve
 from kv_node.store import StoreError
-from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE
 
 EXIT_CONFIG = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, like every other refusal to start (argparse adds the usage text)."""
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kv-node",
         description="Run one node of a kv cluster.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--id", required=True, help="this node's id, unique in the cluster")
-    p.add_argument("--listen", help="host:port to bind (default: the advertised address)")
-    p.add_argument(
-        "--advertise", help="host:port others dial (default: this node's --cluster entry)"
-    )
-    p.add_argument(
-        "--cluster",
-        help="every member as id=host:port,id=host:port (default: a cluster of this node only)",
-    )
-    p.add_argument("--data-dir", type=Path, help="where the store and the node identity live")
-    p.add_argument("--engine", default="lmdb", help=f"storage engine: {' or '.join(ENGINES)}")
-    p.add_argument("--metrics-listen", help="host:port for Prometheus /metrics (default: off)")
-    p.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES)
-    p.add_argument("--max-batch-ops", type=int, default=DEFAULT_MAX_BATCH_OPS)
-    p.add_argument("--max-batch-bytes", type=int, default=DEFAULT_MAX_BATCH_BYTES)
-    p.add_argument(
-        "--partitions",
-        type=int,
-        default=DEFAULT_PARTITIONS,
-        help="partition count; must be the same on every node",
-    )
-    p.add_argument(
-        "--vnodes",
-        type=int,
-        default=DEFAULT_VNODES,
-        help="ring points per node; must be the same on every node",
-    )
-    p.add_argument(
-        "--forward-timeout",
-        type=float,
-        default=DEFAULT_FORWARD_TIMEOUT,
-        help="seconds a forwarded request may take when the caller set no deadline",
-    )
-    p.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=DEFAULT_DRAIN_SECONDS,
-        help="on SIGTERM, how long in-flight requests may take to finish",
-    )
-    p.add_argument(
-        "--lmdb-map-size", type=int, default=DEFAULT_MAP_SIZE, help="LMDB size ceiling in bytes"
-    )
+    for flag in config_flags():
+        p.add_argument(
+            flag.name,
+            dest=flag.dest,
+            type=flag.parse,
+            default=flag.default,
+            required=flag.required,
+            help=flag.help,
+            metavar=flag.metavar,
+        )
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    return build_config(
-        node_id=args.id,
-        listen=args.listen,
-        advertise=args.advertise,
-        cluster=args.cluster,
-        engine=args.engine,
-        data_dir=args.data_dir,
-        metrics_listen=args.metrics_listen,
-        max_value_bytes=args.max_value_bytes,
-        max_batch_ops=args.max_batch_ops,
-        max_batch_bytes=args.max_batch_bytes,
-        partitions=args.partitions,
-        vnodes=args.vnodes,
-        forward_timeout=args.forward_timeout,
-        drain_seconds=args.drain_seconds,
-        lmdb_map_size=args.lmdb_map_size,
-    )
+    return NodeConfig(**vars(args))
+
+
+def undo_for_fresh(data_dir: Path | None) -> Callable[[], None]:
+    """What removes the files a failed start created, when the data directory was fresh.
+
+    A directory that was absent or empty before this start holds only what this start
+    made, so removing it leaves the disk as the operator had it. A used one is never
+    touched.
+    """
+    if data_dir is None:
+        return lambda: None
+    if data_dir.exists():
+        if not data_dir.is_dir() or any(data_dir.iterdir()):
+            return lambda: None
+
+        def empty_again() -> None:
+            for entry in data_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+        return empty_again
+    top = data_dir
+    while not top.parent.exists():
+        top = top.parent
+    return lambda: shutil.rmtree(top, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        # Every port is checked before the data directory is touched.
+        check_bindable(config.listen or "", what="listen on")
+        if config.metrics_listen is not None:
+            check_bindable(config.metrics_listen, what="serve metrics on")
+    except ConfigError as exc:
+        print(f"kv-node: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    undo = undo_for_fresh(config.data_dir)
+    try:
         store = open_store(
             config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
         )
         asyncio.run(serve(config, store))
     except (ConfigError, StoreError) as exc:
+        undo()
         print(f"kv-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 0

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+from kv_node.call_guard import CallGuard
 from kv_node.config import ConfigError, NodeConfig, parse_address
 from kv_node.servicer import ClusterServicer, KVServicer, Node
 from kv_node.store import Store
@@ -33,14 +34,14 @@ def server_options(config: NodeConfig) -> list[tuple[str, int]]:
     ]
 
 
-def check_bindable(listen: str) -> None:
+def check_bindable(address: str, *, what: str = "listen on") -> None:
     """Fail with the OS's reason before gRPC tries, which only logs a C++ error line."""
-    host, port = parse_address(listen, what="listen address")
+    host, port = parse_address(address, what="address")
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"cannot {what} {address}: {exc.strerror or exc}") from exc
 
 
 class NodeServer:
@@ -53,7 +54,10 @@ class NodeServer:
 
     async def start(self) -> None:
         # Created here, not in __init__: aio objects belong to the running loop.
-        self.server = grpc.aio.server(options=server_options(self.config))
+        self.guard = CallGuard(self.node)
+        self.server = grpc.aio.server(
+            options=server_options(self.config), interceptors=[self.guard]
+        )
         self.health = health.aio.HealthServicer()
         kv_pb2_grpc.add_KVServiceServicer_to_server(KVServicer(self.node), self.server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
@@ -63,9 +67,10 @@ class NodeServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        check_bindable(self.config.listen)
+        listen = self.config.listen or ""
+        check_bindable(listen)
         try:
-            self.port = self.server.add_insecure_port(self.config.listen)
+            self.port = self.server.add_insecure_port(listen)
         except RuntimeError as exc:
             raise ConfigError(
                 f"cannot listen on {self.config.listen}: the port is in use or the address "
@@ -76,7 +81,7 @@ class NodeServer:
                 self.config.metrics_listen, what="metrics address"
             )
             try:
-                self.node.metrics.serve(metrics_host, metrics_port)
+                await self.node.metrics.serve(metrics_host, metrics_port)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror}"
@@ -87,21 +92,24 @@ class NodeServer:
 
     async def stop(self) -> None:
         """Refuse new requests, let in-flight ones finish, then close the store."""
+        self.node.draining = True
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.config.drain_seconds)
         await self.node.committer.drain()
         await self.node.peers.close()
+        await self.node.metrics.close()
         self.node.store.close()
 
 
 def describe(config: NodeConfig, store: Store) -> str:
-    owned = len(config.cluster.placement.owned_partitions(config.node_id))
+    cluster = config.cluster_map
+    owned = len(cluster.placement.owned_partitions(config.node_id))
     where = f" in {config.data_dir}" if config.data_dir else ""
     lines = [
         f"kv-node {config.node_id} listening on {config.listen} (advertised {config.advertise})",
         f"  store: {store.engine}{where}, {store.count()} keys, revision {store.revision}",
-        f"  cluster: {len(config.cluster.members)} nodes, {config.cluster.partitions} partitions, "
+        f"  cluster: {len(cluster.members)} nodes, {cluster.partitions} partitions, "
         f"{owned} owned here",
     ]
     if config.metrics_listen:

@@ -1,9 +1,10 @@
 """The gRPC servicers: thin adapters between the wire and the node's parts.
 
-A request is validated, routed by the cluster map, and then either answered
-from the local store (writes through the group committer) or forwarded to the
-owner over the pooled peer channel with the remaining deadline and a hop
-marker. Every failure becomes a gRPC status with a precise message.
+Each operation goes where ``Router.route`` says: the local store (writes through the
+group committer), the owner over the pooled peer channel (with the remaining deadline and
+a hop marker), or back to the caller as a refusal. These classes only translate requests
+into the router's inputs and its decisions into replies; ``kv_node.call_guard`` turns a
+raised ``Refused`` into a status with its ErrorInfo and counts every call.
 """
 
 from __future__ import annotations
@@ -11,36 +12,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kv_common.wire import EPOCH_METADATA, HOP_METADATA, STALE_MAP_PREFIX
+from kv_common.wire import HOP_METADATA, Reason, decode_status_details
 from kv_node import __version__
 from kv_node.committer import GroupCommitter
 from kv_node.config import NodeConfig
 from kv_node.metrics import NodeMetrics
 from kv_node.peers import Peers
+from kv_node.routing import (
+    LOCAL,
+    Forward,
+    Kind,
+    Marks,
+    Refusal,
+    Refused,
+    Router,
+    forward_budget,
+)
 from kv_node.store import DeleteOp, PutOp, Store, WriteOp, WriteResult
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response", bound=Message)
-
-FORWARD_MARGIN_SECONDS = 0.05
-"""Deadline kept back when forwarding, so an unreachable owner is reported as
-UNAVAILABLE before the caller's own deadline passes."""
-
-
-class RequestError(Exception):
-    """A request that gets a gRPC error status instead of a response."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Node:
@@ -49,65 +48,33 @@ class Node:
     def __init__(self, config: NodeConfig, store: Store) -> None:
         self.config = config
         self.store = store
+        self.router = Router(config.node_id, config.cluster_map)
         self.committer = GroupCommitter(store)
         self.peers = Peers(
-            dict(config.cluster.addresses), max_message_bytes=config.max_message_bytes
+            dict(config.cluster_map.addresses), max_message_bytes=config.max_message_bytes
         )
         self.metrics = NodeMetrics(lambda: float(store.count()))
         self.started = time.monotonic()
         self.requests_served = 0
         self.requests_forwarded = 0
+        self.draining = False
+        self._map_replies: dict[tuple[int, bool], cluster_pb2.GetClusterMapResponse] = {}
 
-    def check_key(self, key: bytes) -> None:
-        if not key:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "key must not be empty")
-        if len(key) > self.config.max_key_bytes:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"key is {len(key)} bytes; the limit is {self.config.max_key_bytes} bytes",
-            )
-
-    def check_value(self, value: bytes) -> None:
-        if len(value) > self.config.max_value_bytes:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"value is {len(value)} bytes; the limit is {self.config.max_value_bytes} bytes "
-                "(--max-value-bytes)",
-            )
-
-    def owner_of(self, key: bytes) -> str:
-        return self.config.cluster.placement.owner_of_key(key)
-
-    def misrouted(self, key: bytes, owner: str, metadata: dict[str, str]) -> RequestError | None:
-        """The error for a request that must not be forwarded, if it is one."""
-        cluster = self.config.cluster
-        if HOP_METADATA in metadata:
-            return RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"request forwarded by {metadata[HOP_METADATA]!r} reached {self.config.node_id!r}, "
-                f"which does not own the key (owner {owner!r}): the nodes' cluster lists differ",
-            )
-        if EPOCH_METADATA in metadata:
-            partition = cluster.placement.partition_of(key)
-            return RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{STALE_MAP_PREFIX}: node {self.config.node_id!r} does not own partition "
-                f"{partition}; its owner is {owner!r} at {cluster.address_of(owner)} "
-                f"(epoch {cluster.epoch})",
-            )
-        return None
+    def cluster_map_reply(self, include_partitions: bool) -> cluster_pb2.GetClusterMapResponse:
+        """The encoded map, built once per epoch: with partitions it is thousands of messages."""
+        cluster_map = self.config.cluster_map
+        key = (cluster_map.epoch, include_partitions)
+        reply = self._map_replies.get(key)
+        if reply is None:
+            encoded = cluster_map.to_proto(include_partitions=include_partitions)
+            reply = self._map_replies[key] = cluster_pb2.GetClusterMapResponse(cluster_map=encoded)
+        return reply
 
     def forward_timeout(self, context: Context) -> float:
-        remaining = context.time_remaining()
-        if remaining is None:
-            return self.config.forward_timeout
-        timeout = min(self.config.forward_timeout, remaining - FORWARD_MARGIN_SECONDS)
-        if timeout <= 0:
-            raise RequestError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "deadline passed before the request was forwarded",
-            )
-        return timeout
+        budget = forward_budget(context.time_remaining(), self.config.forward_timeout)
+        if isinstance(budget, Refusal):
+            raise Refused(budget)
+        return budget
 
     async def forward(
         self,
@@ -117,51 +84,34 @@ class Node:
         request: Message,
         timeout: float,
     ) -> Response:
-        address = self.peers.address(owner)
         try:
             response = await call(
                 request, timeout=timeout, metadata=((HOP_METADATA, self.config.node_id),)
             )
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                what = "is unreachable" if code == grpc.StatusCode.UNAVAILABLE else "did not answer"
-                raise RequestError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"owner {owner!r} at {address} {what} within {timeout:.3g}s: {exc.details()}",
-                ) from exc
-            raise RequestError(code, exc.details() or code.name) from exc
+            raise Refused(self._owner_refusal(owner, exc, timeout)) from exc
         self.requests_forwarded += 1
         self.metrics.forwarded.labels(method).inc()
         return response
 
-
-def _metadata(context: Context) -> dict[str, str]:
-    return {
-        key: value if isinstance(value, str) else value.decode()
-        for key, value in context.invocation_metadata() or ()
-    }
-
-
-async def _answer(
-    node: Node, method: str, context: Context, handler: Callable[[], Awaitable[Response]]
-) -> Response:
-    """Run a handler, turning RequestError into a gRPC status and recording metrics."""
-    start = time.perf_counter()
-    outcome = "OK"
-    try:
-        return await handler()
-    except RequestError as exc:
-        outcome = exc.code.name
-        await context.abort(exc.code, exc.message)
-        raise  # unreachable: abort raises
-    except asyncio.CancelledError:
-        outcome = "CANCELLED"
-        raise
-    finally:
-        node.requests_served += 1
-        node.metrics.requests.labels(method, outcome).inc()
-        node.metrics.latency.labels(method).observe(time.perf_counter() - start)
+    def _owner_refusal(self, owner: str, exc: grpc.aio.AioRpcError, timeout: float) -> Refusal:
+        """The owner's own refusal passes through; a failure to reach it names it."""
+        code = exc.code()
+        details = exc.details() or code.name
+        address = self.peers.address(owner)
+        info = decode_status_details(tuple(exc.trailing_metadata() or ()))
+        if info is not None:
+            return Refusal(code, details, info.reason, info.metadata)
+        where = {"owner_id": owner, "owner_address": address}
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            what = "is unreachable" if code == grpc.StatusCode.UNAVAILABLE else "did not answer"
+            return Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"owner {owner!r} at {address} {what} within {timeout:.3g}s: {details}",
+                Reason.OWNER_UNAVAILABLE,
+                where,
+            )
+        return Refusal(code, f"owner {owner!r} at {address}: {details}", Reason.INTERNAL, where)
 
 
 def _put_response(result: WriteResult) -> kv_pb2.PutResponse:
@@ -189,10 +139,78 @@ def _write_op(request: kv_pb2.PutRequest | kv_pb2.DeleteRequest) -> WriteOp:
     return DeleteOp(request.key, _if_version(request))
 
 
-def _error_result(error: RequestError) -> kv_pb2.OperationResult:
+def _error_result(refusal: Refusal) -> kv_pb2.OperationResult:
     return kv_pb2.OperationResult(
-        error=kv_pb2.OperationError(code=error.code.value[0], message=error.message)
+        error=kv_pb2.OperationError(
+            code=refusal.code.value[0],
+            message=refusal.message,
+            reason=refusal.reason,
+            metadata=refusal.metadata,
+        )
     )
+
+
+def _write_result(op: WriteOp, outcome: WriteResult) -> kv_pb2.OperationResult:
+    if isinstance(op, PutOp):
+        return kv_pb2.OperationResult(put=_put_response(outcome))
+    return kv_pb2.OperationResult(delete=_delete_response(outcome))
+
+
+@dataclass
+class _Step:
+    """Local writes committed together, then the reads that must see exactly them."""
+
+    writes: list[tuple[int, WriteOp]] = field(default_factory=list)
+    reads: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BatchPlan:
+    """Where each operation of one Batch goes, keeping per-key order.
+
+    A Get is answered at planning time unless an earlier operation of the batch wrote its
+    key; then it waits for the writes before it (and only those) to commit. Operations on
+    keys owned elsewhere go to their owner as one Batch each, which applies the same rule.
+    """
+
+    results: list[kv_pb2.OperationResult | None]
+    steps: list[_Step] = field(default_factory=lambda: [_Step()])
+    remote: defaultdict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+def plan_batch(
+    router: Router,
+    operations: Sequence[kv_pb2.Operation],
+    marks: Marks,
+    read: Callable[[bytes], tuple[bytes, int] | None],
+) -> BatchPlan:
+    plan = BatchPlan(results=[None] * len(operations))
+    results, steps, remote = plan.results, plan.steps, plan.remote
+    written: set[bytes] = set()
+    route = router.route
+    # The hot loop of the node: keep per-operation work to plain attribute access.
+    for index, operation in enumerate(operations):
+        kind: Kind | None = operation.WhichOneof("op")
+        single = getattr(operation, kind) if kind is not None else None
+        key = single.key if single is not None else b""
+        size = len(single.value) if kind == "put" else 0  # type: ignore[union-attr]
+        decision = route(kind, key, size, marks)
+        if decision is LOCAL:
+            if kind == "get":
+                if key in written:
+                    steps[-1].reads.append(index)
+                else:
+                    results[index] = kv_pb2.OperationResult(get=_get_response(read(key)))
+            else:
+                if steps[-1].reads:
+                    steps.append(_Step())
+                steps[-1].writes.append((index, _write_op(single)))  # type: ignore[arg-type]
+                written.add(key)
+        elif isinstance(decision, Forward):
+            remote[decision.owner].append(index)
+        elif isinstance(decision, Refusal):
+            results[index] = _error_result(decision)
+    return plan
 
 
 class KVServicer(kv_pb2_grpc.KVServiceServicer):
@@ -202,39 +220,36 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
     async def _single(
         self,
         method: str,
+        kind: Kind,
         request: kv_pb2.PutRequest | kv_pb2.GetRequest | kv_pb2.DeleteRequest,
         context: Context,
         local: Callable[[], Awaitable[Response]],
         remote: Callable[[kv_pb2_grpc.KVServiceAsyncStub], Callable[..., Awaitable[Response]]],
     ) -> Response:
         node = self._node
-
-        async def handle() -> Response:
-            node.check_key(request.key)
-            if isinstance(request, kv_pb2.PutRequest):
-                node.check_value(request.value)
-            owner = node.owner_of(request.key)
-            if owner == node.config.node_id:
-                return await local()
-            error = node.misrouted(request.key, owner, _metadata(context))
-            if error is not None:
-                raise error
-            call = remote(node.peers.kv(owner))
-            return await node.forward(method, owner, call, request, node.forward_timeout(context))
-
-        return await _answer(node, method, context, handle)
+        size = len(request.value) if isinstance(request, kv_pb2.PutRequest) else 0
+        marks = Marks.from_metadata(context.invocation_metadata())
+        decision = node.router.route(kind, request.key, size, marks)
+        if decision is LOCAL:
+            return await local()
+        if isinstance(decision, Forward):
+            call = remote(node.peers.kv(decision.owner))
+            timeout = node.forward_timeout(context)
+            return await node.forward(method, decision.owner, call, request, timeout)
+        assert isinstance(decision, Refusal)
+        raise Refused(decision)
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         async def local() -> kv_pb2.PutResponse:
             return _put_response(await self._node.committer.write(_write_op(request)))
 
-        return await self._single("Put", request, context, local, lambda stub: stub.Put)
+        return await self._single("Put", "put", request, context, local, lambda s: s.Put)
 
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
         async def local() -> kv_pb2.GetResponse:
             return _get_response(self._node.store.get(request.key))
 
-        return await self._single("Get", request, context, local, lambda stub: stub.Get)
+        return await self._single("Get", "get", request, context, local, lambda s: s.Get)
 
     async def Delete(
         self, request: kv_pb2.DeleteRequest, context: Context
@@ -242,86 +257,28 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         async def local() -> kv_pb2.DeleteResponse:
             return _delete_response(await self._node.committer.write(_write_op(request)))
 
-        return await self._single("Delete", request, context, local, lambda stub: stub.Delete)
+        return await self._single("Delete", "delete", request, context, local, lambda s: s.Delete)
 
     async def Batch(self, request: kv_pb2.BatchRequest, context: Context) -> kv_pb2.BatchResponse:
-        return await _answer(self._node, "Batch", context, lambda: self._batch(request, context))
-
-    async def _batch(self, request: kv_pb2.BatchRequest, context: Context) -> kv_pb2.BatchResponse:
         node = self._node
-        config = node.config
         operations = request.operations
-        if len(operations) > config.max_batch_ops:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"batch has {len(operations)} operations; the limit is {config.max_batch_ops} "
-                "(--max-batch-ops)",
-            )
-        size = request.ByteSize()
-        if size > config.max_batch_bytes:
-            raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"batch is {size} bytes encoded; the limit is {config.max_batch_bytes} "
-                "(--max-batch-bytes)",
-            )
+        too_large = node.router.check_batch(len(operations), request.ByteSize())
+        if too_large is not None:
+            raise Refused(too_large)
         node.metrics.batch_operations.inc(len(operations))
-        results: list[kv_pb2.OperationResult | None] = [None] * len(operations)
-        writes: list[tuple[int, WriteOp]] = []
-        written: set[bytes] = set()
-        deferred_reads: list[int] = []
-        remote: defaultdict[str, list[int]] = defaultdict(list)
-        metadata = _metadata(context)
-        # The hot loop of the node: keep per-operation work to plain attribute access.
-        me = config.node_id
-        owner_of = config.cluster.placement.owner_of_key
-        max_key, max_value = config.max_key_bytes, config.max_value_bytes
-        store_get = node.store.get
-        for index, operation in enumerate(operations):
-            kind = operation.WhichOneof("op")
-            if kind is None:
-                error = RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"operation {index} sets no put, get or delete",
-                )
-                results[index] = _error_result(error)
-                continue
-            single = getattr(operation, kind)
-            key = single.key
-            try:
-                if not key or len(key) > max_key:
-                    node.check_key(key)
-                if kind == "put" and len(single.value) > max_value:
-                    node.check_value(single.value)
-                owner = owner_of(key)
-                if owner != me:
-                    misrouted = node.misrouted(key, owner, metadata)
-                    if misrouted is not None:
-                        raise misrouted
-                    remote[owner].append(index)
-                elif kind == "get":
-                    if key in written:
-                        deferred_reads.append(index)  # read after this batch's own write
-                    else:
-                        results[index] = kv_pb2.OperationResult(get=_get_response(store_get(key)))
-                else:
-                    writes.append((index, _write_op(single)))
-                    written.add(key)
-            except RequestError as error:
-                results[index] = _error_result(error)
+        marks = Marks.from_metadata(context.invocation_metadata())
+        plan = plan_batch(node.router, operations, marks, node.store.get)
+        results = plan.results
 
         async def commit_local() -> None:
-            if not writes:
-                return
-            outcomes = await node.committer.write_many([op for _, op in writes])
-            for (index, op), outcome in zip(writes, outcomes, strict=True):
-                results[index] = (
-                    kv_pb2.OperationResult(put=_put_response(outcome))
-                    if isinstance(op, PutOp)
-                    else kv_pb2.OperationResult(delete=_delete_response(outcome))
-                )
-            for index in deferred_reads:
-                key = operations[index].get.key
-                results[index] = kv_pb2.OperationResult(get=_get_response(node.store.get(key)))
+            for step in plan.steps:
+                if step.writes:
+                    outcomes = await node.committer.write_many([op for _, op in step.writes])
+                    for (index, op), outcome in zip(step.writes, outcomes, strict=True):
+                        results[index] = _write_result(op, outcome)
+                for index in step.reads:
+                    found = node.store.get(operations[index].get.key)
+                    results[index] = kv_pb2.OperationResult(get=_get_response(found))
 
         async def forward_group(owner: str, indexes: list[int]) -> None:
             group = kv_pb2.BatchRequest(operations=[operations[i] for i in indexes])
@@ -329,15 +286,15 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
                 response = await node.forward(
                     "Batch", owner, node.peers.kv(owner).Batch, group, node.forward_timeout(context)
                 )
-            except RequestError as error:
+            except Refused as refused:
                 for index in indexes:
-                    results[index] = _error_result(error)
+                    results[index] = _error_result(refused.refusal)
                 return
             for index, result in zip(indexes, response.results, strict=True):
                 results[index] = result
 
         await asyncio.gather(
-            commit_local(), *(forward_group(owner, idx) for owner, idx in remote.items())
+            commit_local(), *(forward_group(owner, idx) for owner, idx in plan.remote.items())
         )
         return kv_pb2.BatchResponse(results=[r for r in results if r is not None])
 
@@ -349,30 +306,20 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def GetClusterMap(
         self, request: cluster_pb2.GetClusterMapRequest, context: Context
     ) -> cluster_pb2.GetClusterMapResponse:
-        async def handle() -> cluster_pb2.GetClusterMapResponse:
-            cluster_map = self._node.config.cluster.to_proto(
-                include_partitions=request.include_partitions
-            )
-            return cluster_pb2.GetClusterMapResponse(cluster_map=cluster_map)
-
-        return await _answer(self._node, "GetClusterMap", context, handle)
+        return self._node.cluster_map_reply(request.include_partitions)
 
     async def GetNodeStatus(
         self, request: cluster_pb2.GetNodeStatusRequest, context: Context
     ) -> cluster_pb2.GetNodeStatusResponse:
         node = self._node
-
-        async def handle() -> cluster_pb2.GetNodeStatusResponse:
-            return cluster_pb2.GetNodeStatusResponse(
-                node_id=node.config.node_id,
-                address=node.config.advertise,
-                uptime_seconds=time.monotonic() - node.started,
-                keys_stored=node.store.count(),
-                engine=node.store.engine,
-                version=__version__,
-                requests_served=node.requests_served,
-                requests_forwarded=node.requests_forwarded,
-                epoch=node.config.cluster.epoch,
-            )
-
-        return await _answer(node, "GetNodeStatus", context, handle)
+        return cluster_pb2.GetNodeStatusResponse(
+            node_id=node.config.node_id,
+            address=node.config.advertise or "",
+            uptime_seconds=time.monotonic() - node.started,
+            keys_stored=node.store.count(),
+            engine=node.store.engine,
+            version=__version__,
+            requests_served=node.requests_served,
+            requests_forwarded=node.requests_forwarded,
+            epoch=node.config.cluster_map.epoch,
+        )

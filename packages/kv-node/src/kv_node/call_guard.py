@@ -1,0 +1,175 @@
+"""What every call to a node goes through, whatever its service: one server interceptor.
+
+- The request is decoded here, not by gRPC: bytes that do not parse are the caller's
+  fault and get INVALID_ARGUMENT (reason INVALID_REQUEST), never UNKNOWN with internals.
+- Admission control: at most ``--max-in-flight`` kv.v1 calls are worked on at once;
+  beyond it a call is refused at once with RESOURCE_EXHAUSTED, reason OVERLOADED and a
+  retry hint, before it costs anything. Health checks and reflection are never refused,
+  so an overloaded node still reports itself alive.
+- A raised ``Refused`` becomes a status whose details carry a ``google.rpc.Status`` with
+  the ErrorInfo; any other exception becomes INTERNAL (reason INTERNAL) and is logged.
+- Every kv.v1 call is counted by its real outcome (the status code it ended with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import grpc
+from grpc_status import rpc_status
+
+from kv_common.wire import RETRY_AFTER_MS, ErrorInfo, Reason, encode_status
+from kv_node.routing import Refusal, Refused
+from kv_node.servicer import Context, Node
+
+KV_SERVICES_PREFIX = "/kv.v1."
+"""Calls to these services are admitted, counted and timed; others (health) pass through."""
+
+OVERLOAD_RETRY_AFTER_MS = 50
+"""The retry hint of an OVERLOADED refusal: about one group commit, long enough for the
+calls in flight to drain, short enough that a client backing off from it loses little."""
+
+log = logging.getLogger(__name__)
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+async def abort(context: Context, refusal: Refusal) -> None:
+    """End the call with ``refusal``: status code, message, and the ErrorInfo trailer."""
+    status = rpc_status.to_status(
+        encode_status(
+            refusal.code.value[0], refusal.message, ErrorInfo(refusal.reason, refusal.metadata)
+        )
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class CallGuard(grpc.aio.ServerInterceptor):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._wrapped: dict[str, Handler] = {}
+        self.in_flight = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+            self._behaviour(method, handler),
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
+        )
+        return wrapped
+
+    def _behaviour(
+        self, method: str, handler: Handler
+    ) -> Callable[[bytes, Context], Awaitable[Any]]:
+        node = self._node
+        metrics = node.metrics
+        inner = handler.unary_unary
+        decode = handler.request_deserializer
+        counted = method.startswith(KV_SERVICES_PREFIX)
+        name = method.rsplit("/", 1)[-1]
+        request_type = method.rsplit("/", 1)[0].lstrip("/")
+        bound = node.config.max_in_flight
+
+        async def behaviour(raw: bytes, context: Context) -> Any:
+            start = time.perf_counter()
+            admitted = False
+            finished = False
+
+            def finish(outcome: str) -> None:
+                """Release and count the call, before its status can reach the caller."""
+                nonlocal admitted, finished
+                if admitted:
+                    self.in_flight -= 1
+                    admitted = False
+                if counted and not finished:
+                    node.requests_served += 1
+                    metrics.requests.labels(name, outcome).inc()
+                    metrics.latency.labels(name).observe(time.perf_counter() - start)
+                finished = True
+
+            try:
+                try:
+                    request = decode(raw) if decode is not None else raw
+                except Exception:
+                    raise Refused(
+                        Refusal(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request to {name} could not be decoded as its message type "
+                            f"(service {request_type})",
+                            Reason.INVALID_REQUEST,
+                        )
+                    ) from None
+                if counted:
+                    if node.draining:
+                        raise Refused(
+                            Refusal(
+                                grpc.StatusCode.UNAVAILABLE,
+                                f"node {node.config.node_id!r} is shutting down",
+                                Reason.SHUTTING_DOWN,
+                            )
+                        )
+                    if self.in_flight >= bound:
+                        raise Refused(self._overloaded(bound))
+                    self.in_flight += 1
+                    admitted = True
+                response = await inner(request, context)  # type: ignore[arg-type, misc]
+                finish("OK")
+                return response
+            except Refused as refused:
+                await self._refuse(context, name, counted, refused.refusal, finish)
+            except asyncio.CancelledError:
+                finish(grpc.StatusCode.CANCELLED.name)
+                raise
+            except grpc.aio.AbortError:
+                code = context.code()
+                finish(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN")
+                raise
+            except Exception:
+                log.exception("%s failed", method)
+                internal = Refusal(
+                    grpc.StatusCode.INTERNAL,
+                    f"node {node.config.node_id!r} failed to handle {name}; see its log",
+                    Reason.INTERNAL,
+                )
+                await self._refuse(context, name, counted, internal, finish)
+            finally:
+                finish("UNKNOWN")  # only reached unfinished if the code above is wrong
+
+        return behaviour
+
+    async def _refuse(
+        self,
+        context: Context,
+        name: str,
+        counted: bool,
+        refusal: Refusal,
+        finish: Callable[[str], None],
+    ) -> None:
+        if counted:
+            self._node.metrics.refusals.labels(name, refusal.reason).inc()
+        finish(refusal.code.name)
+        await abort(context, refusal)
+
+    def _overloaded(self, bound: int) -> Refusal:
+        return Refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"node {self._node.config.node_id!r} is overloaded: {bound} requests in flight "
+            f"(--max-in-flight); retry after {OVERLOAD_RETRY_AFTER_MS} ms",
+            Reason.OVERLOADED,
+            {"limit": str(bound), RETRY_AFTER_MS: str(OVERLOAD_RETRY_AFTER_MS)},
+        )
