@@ -11,7 +11,6 @@ a killed test runner or a killed ``kv cluster up`` does not leave nodes behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -31,6 +30,15 @@ PROBE_TIMEOUT = 0.5
 
 # prctl(2) option from <linux/prctl.h>: deliver a signal to this process when its parent dies.
 PR_SET_PDEATHSIG = 1
+# Run as `python -I -c _PDEATHSIG_EXEC SIGNUM PARENT_PID ARGV...`: arm the parent-death signal,
+# give up if the parent is already gone (it died before prctl took effect), then become ARGV.
+_PDEATHSIG_EXEC = f"""
+import ctypes, os, sys
+ctypes.CDLL(None).prctl({PR_SET_PDEATHSIG}, int(sys.argv[1]), 0, 0, 0)
+if os.getppid() != int(sys.argv[2]):
+    os._exit(1)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
 
 Process = subprocess.Popen[bytes]
 
@@ -83,17 +91,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _die_with_parent(signum: int) -> Callable[[], None]:
-    """A preexec_fn that asks the kernel to send ``signum`` when the launching thread dies."""
-    parent = os.getpid()
-    libc = ctypes.CDLL(None, use_errno=True)
+def _die_with_parent(argv: Sequence[str], signum: int) -> list[str]:
+    """``argv`` behind a tiny exec wrapper that first asks the kernel to send ``signum`` when
+    the launching thread dies (the request survives exec).
 
-    def arm() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return arm
+    Not a ``preexec_fn``: Python code between fork and exec in a process that runs gRPC
+    threads can abort the child (gRPC's poller sees its fds vanish); the wrapper is a fresh
+    interpreter, and Popen can use vfork again.
+    """
+    return [sys.executable, "-I", "-c", _PDEATHSIG_EXEC, str(signum), str(os.getpid()), *argv]
 
 
 def spawn(
@@ -113,9 +119,8 @@ def spawn(
     a thread that lives as long as the child should.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
-    preexec = None
     if parent_death_signal is not None and sys.platform == "linux":
-        preexec = _die_with_parent(parent_death_signal)
+        argv = _die_with_parent(argv, parent_death_signal)
     with log.open("ab") as out:
         return subprocess.Popen(
             list(argv),
@@ -125,7 +130,6 @@ def spawn(
             cwd=cwd,
             env=env,
             start_new_session=own_session,
-            preexec_fn=preexec,
         )
 
 
