@@ -167,7 +167,7 @@ def _status(client: Client, args: argparse.Namespace) -> int:
         except KvError:
             down += 1
             process = processes.get(member.node_id)
-            note = f"{'':>32}({process})" if process else ""
+            note = f"{'':>33}{process}" if process else ""
             print(f"{member.node_id:<12} {member.address:<22} {'DOWN':<8} {partitions:>10}{note}")
             continue
         print(
