@@ -9,6 +9,7 @@ different terminals; they share nothing but this directory:
   process and, per node, whether it is up, its process, its last exit code, its log.
 - ``control/start-<id>``: a request from another terminal to the supervisor to start a node
   (only the supervisor starts nodes, so that every node is its child and its exit is seen).
+- ``up.lock``: held (flock) by the running supervisor, so that only one runs per directory.
 - ``<id>/`` and ``<id>.log``: each node's data directory and log.
 
 A process is named by its pid *and* its start time (from /proc), so a pid left in state.json

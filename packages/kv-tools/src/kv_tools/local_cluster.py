@@ -10,10 +10,12 @@ same nodes with their data.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from kv_tools.cluster_dir import (
 )
 
 DEFAULT_NODES = 3
+LOCK_FILE = "up.lock"
 TICK_SECONDS = 0.2  # how soon a death or a start request is noticed
 
 
@@ -162,17 +165,31 @@ class Supervisor:
         return len(running)
 
 
-def _refuse_second_supervisor(data: Path) -> None:
-    state = read_state(data)
-    if state.supervised() and state.supervisor is not None:
-        raise LocalClusterError(
-            f"kv cluster up (pid {state.supervisor.pid}) is already running on {data}"
-        )
+@contextlib.contextmanager
+def _only_supervisor(data: Path) -> Iterator[None]:
+    """Hold the data directory's lock for as long as this ``kv cluster up`` runs.
+
+    An flock, not a pid check: two commands started at once cannot both pass it, and the
+    kernel releases it however the holder dies.
+    """
+    data.mkdir(parents=True, exist_ok=True)
+    with (data / LOCK_FILE).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_state(data).supervisor
+            who = f" (pid {holder.pid})" if holder is not None else ""
+            raise LocalClusterError(f"kv cluster up{who} is already running on {data}") from None
+        yield
 
 
 def run(data: Path, nodes: int, engine: str) -> int:
     """Run the cluster until Ctrl-C or SIGTERM; returns the exit code."""
-    _refuse_second_supervisor(data)
+    with _only_supervisor(data):
+        return _supervise(data, nodes, engine)
+
+
+def _supervise(data: Path, nodes: int, engine: str) -> int:
     layout = plan(data, nodes, engine)
     take_start_requests(data)  # requests left by an earlier run are moot: every node starts
     stopping = False
