@@ -187,7 +187,11 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def up(session: nox.Session) -> None:
-    """Start a local 3-node cluster on the durable engine (Ctrl-C stops it)."""
+    """Start a local 3-node cluster on the durable engine (Ctrl-C stops it).
+
+    A node that dies is reported and the others keep serving; `kv cluster kill|stop|start|restart
+    <id> --data .kv-data` from another terminal acts on one node.
+    """
     _sync(session)
     args = session.posargs or ["--nodes", "3", "--data", str(ROOT / ".kv-data")]
     session.run("kv", "cluster", "up", *args)

@@ -8,18 +8,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Cluster
+from harness import Cluster, running_cluster
 from kv_node.testing import InProcessCluster
 
 
 @pytest.fixture
 def three_nodes(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, ["n1", "n2", "n3"])
-    try:
-        cluster.start()
+    with running_cluster(tmp_path, ["n1", "n2", "n3"]) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -1,25 +1,24 @@
-"""Real kv-node processes on 127.0.0.1 for end-to-end tests.
+"""Real kv-node processes on 127.0.0.1 for end-to-end tests, over ``kv_tools.launcher``.
 
-Every process a test starts is registered with a ``Processes`` owner that the
-fixture stops (SIGTERM, then SIGKILL) however the test ends.
+Every node dies with the test runner (a parent-death signal), and ``Cluster.stop`` stops all of
+its nodes in one call that cannot give up part-way, so no path of a test leaves a node behind.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kv_client import Client
-from kv_tools.local_cluster import LocalClusterError, free_port, wait_serving
-from kv_tools.local_cluster import stop as stop_processes
+from kv_tools import launcher
 
-READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+LOG_WAIT_TIMEOUT = 30.0
 
 
 @dataclass
@@ -31,67 +30,73 @@ class NodeProcess:
     engine: str = "lmdb"
     metrics: str | None = None
     extra: list[str] = field(default_factory=list)
-    process: subprocess.Popen[str] | None = None
-    log: Path | None = None
+    process: launcher.Process | None = None
 
-    def command(self) -> list[str]:
-        command = [
-            sys.executable,
-            "-m",
-            "kv_node",
-            "--id",
+    @property
+    def log(self) -> Path:
+        return self.data_dir.parent / f"{self.node_id}.log"
+
+    def spec(self) -> launcher.NodeSpec:
+        return launcher.NodeSpec(
             self.node_id,
-            "--cluster",
+            self.address,
             self.cluster,
-            "--data-dir",
-            str(self.data_dir),
-            "--engine",
-            self.engine,
-            *self.extra,
-        ]
-        if self.metrics:
-            command += ["--metrics-listen", self.metrics]
-        return command
+            self.data_dir,
+            engine=self.engine,
+            metrics=self.metrics,
+            extra=tuple(self.extra),
+        )
 
     def start(self) -> None:
-        self.log = self.data_dir.parent / f"{self.node_id}.log"
-        with self.log.open("a") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-            )
+        # Same session as the runner: a Ctrl-C of pytest reaches the nodes too.
+        self.process = launcher.spawn_node(self.spec(), self.log, own_session=False)
+
+    def running(self) -> launcher.Process:
+        assert self.process is not None, f"node {self.node_id} was never started"
+        return self.process
 
     def wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        with Client(self.address, timeout=1.0) as client:
-            try:
-                wait_serving(client, self.node_id, self.address, self.process, deadline)
-            except LocalClusterError as exc:
-                raise AssertionError(f"{exc}: {self.output()}") from None
+        try:
+            launcher.wait_nodes_serving([(self.node_id, self.address, self.running(), self.log)])
+        except launcher.LaunchError as exc:
+            raise AssertionError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
-        return self.log.read_text() if self.log and self.log.exists() else ""
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait_for_log(self, text: str, *, timeout: float = LOG_WAIT_TIMEOUT) -> None:
+        """Block until ``text`` appears in the node's log (the node's own event)."""
+        launcher.wait_until(
+            lambda: text in self.output(),
+            self.running(),
+            name=f"node {self.node_id}",
+            deadline=time.monotonic() + timeout,
+            log=self.log,
+        )
 
     def kill(self) -> None:
         """kill -9: no chance to flush or close anything."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=STOP_TIMEOUT)
+        if self.process is not None:
+            launcher.kill(self.process)
+
+    def pause(self) -> None:
+        launcher.pause(self.running())
+
+    def resume(self) -> None:
+        launcher.resume(self.running())
 
     def terminate(self) -> int:
-        assert self.process is not None
-        stop_processes([self.process], timeout=STOP_TIMEOUT)
-        return self.process.returncode
+        process = self.running()
+        launcher.stop([process], timeout=STOP_TIMEOUT)
+        return process.returncode
 
 
 class Cluster:
-    def __init__(self, root: Path, ids: list[str], *, engine: str = "lmdb") -> None:
-        addresses = {node_id: f"127.0.0.1:{free_port()}" for node_id in ids}
-        spec = ",".join(f"{i}={a}" for i, a in addresses.items())
+    def __init__(
+        self, root: Path, ids: list[str], *, engine: str = "lmdb", extra: list[str] | None = None
+    ) -> None:
+        addresses = {node_id: f"127.0.0.1:{launcher.free_port()}" for node_id in ids}
+        spec = launcher.cluster_spec(addresses)
         self.nodes = {
             node_id: NodeProcess(
                 node_id,
@@ -99,7 +104,8 @@ class Cluster:
                 root / node_id,
                 spec,
                 engine=engine,
-                metrics=f"127.0.0.1:{free_port()}",
+                metrics=f"127.0.0.1:{launcher.free_port()}",
+                extra=list(extra or []),
             )
             for node_id, address in addresses.items()
         }
@@ -115,9 +121,24 @@ class Cluster:
             node.wait_ready()
 
     def stop(self) -> None:
-        for node in self.nodes.values():
-            if node.process is not None:
-                node.terminate()
+        """Stop every node at once (SIGTERM, then SIGKILL); never stops part-way."""
+        launcher.stop(
+            [n.process for n in self.nodes.values() if n.process is not None],
+            timeout=STOP_TIMEOUT,
+        )
+
+
+@contextmanager
+def running_cluster(
+    root: Path, ids: list[str], *, engine: str = "lmdb", extra: list[str] | None = None
+) -> Iterator[Cluster]:
+    """A started cluster that is stopped however the block ends (start failures included)."""
+    cluster = Cluster(root, ids, engine=engine, extra=extra)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def run_node_command(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -132,3 +153,11 @@ def run_node_command(*args: str, timeout: float = 30.0) -> subprocess.CompletedP
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def poll_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Wait for a condition another process makes true (a file, a state); fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(launcher.POLL_INTERVAL)

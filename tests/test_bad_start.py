@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import Cluster, run_node_command
+from harness import run_node_command, running_cluster
 from kv_client import Client
-from kv_tools.local_cluster import free_port
+from kv_tools.launcher import free_port
 
 
 def _refused(*args: str) -> str:
@@ -50,9 +50,7 @@ def test_unusable_data_directory(tmp_path: Path) -> None:
 
 
 def test_port_in_use_and_foreign_data_dir_leave_the_running_node_alone(tmp_path: Path) -> None:
-    cluster = Cluster(tmp_path, ["n1"])
-    try:
-        cluster.start()
+    with running_cluster(tmp_path, ["n1"]) as cluster:
         node = cluster.nodes["n1"]
         with Client(node.address) as kv:
             kv.put("precious", "data")
@@ -76,5 +74,3 @@ def test_port_in_use_and_foreign_data_dir_leave_the_running_node_alone(tmp_path:
             assert kv.get("precious") == b"data"
             status = kv.node_status(node.address)
         assert status.keys_stored == 1
-    finally:
-        cluster.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness import run_node_command
-from kv_tools.local_cluster import free_port
+from kv_tools.launcher import free_port
 
 
 @pytest.mark.parametrize(

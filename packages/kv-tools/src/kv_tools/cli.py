@@ -1,4 +1,8 @@
-"""The ``kv`` command line."""
+"""The ``kv`` command line.
+
+Talking to a cluster must start fast, so the benchmark (and its extra libraries) is imported
+only by ``kv bench``.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kv_client.client import Client
-from kv_client.errors import KvError
-from kv_tools.bench import cli as bench_cli
-from kv_tools.local_cluster import LocalClusterError
+from kv_client import Client, KvError
+from kv_tools import cluster_control
+from kv_tools.cluster_dir import LocalClusterError, read_state, require_layout
+from kv_tools.local_cluster import describe_exit
 from kv_tools.local_cluster import run as run_local_cluster
 
 DEFAULT_ADDRESSES = "127.0.0.1:7001"
 ADDRESSES_ENV = "KV_ADDRESSES"
+BENCH_EXTRA = "kv-tools[bench]"
+STATUS_TIMEOUT = 2.0  # per node, so that one stopped node does not stall the table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,13 +56,31 @@ def parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="cluster commands").add_subparsers(
         dest="cluster_command", required=True
     )
-    cluster.add_parser("status", help="members, partitions and keys per node, health")
+    status = cluster.add_parser(
+        "status", help="members, partitions and keys per node, health; exit 1 if any is down"
+    )
+    status.add_argument(
+        "--data", type=Path, help="a kv cluster up directory: its addresses and processes"
+    )
     up = cluster.add_parser("up", help="run a local cluster of real node processes")
     up.add_argument("--nodes", type=int, default=0, help="node count (default 3 for a new --data)")
     up.add_argument("--data", type=Path, required=True, help="directory for the cluster's data")
     up.add_argument("--engine", choices=("lmdb", "memory"), default="lmdb")
-    bench = sub.add_parser("bench", help="closed-loop load against a running cluster")
-    bench_cli.add_arguments(bench)
+    for action, text in (
+        ("stop", "SIGTERM one node of a running kv cluster up (it drains, then exits)"),
+        ("kill", "kill -9 one node of a running kv cluster up"),
+        ("start", "start a down node again on its address and data"),
+        ("restart", "stop, then start, one node"),
+    ):
+        one = cluster.add_parser(action, help=text)
+        one.add_argument("node_id", metavar="ID", help="node id, e.g. n2")
+        one.add_argument("--data", type=Path, required=True, help="the kv cluster up directory")
+    # Its options belong to kv_tools.bench.cli, parsed only when kv bench runs.
+    sub.add_parser(
+        "bench",
+        help=f"closed-loop load against a running cluster (needs {BENCH_EXTRA})",
+        add_help=False,
+    )
     return p
 
 
@@ -107,7 +131,26 @@ def _locate(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _processes(data: Path | None) -> dict[str, str]:
+    """Per node id, what ``kv cluster up`` in ``data`` knows of its process."""
+    if data is None:
+        return {}
+    state = read_state(data)
+    if not state.supervised():
+        return {node_id: "no kv cluster up running" for node_id in state.nodes}
+    described = {}
+    for node_id, entry in state.nodes.items():
+        if entry.running() and entry.process is not None:
+            described[node_id] = f"{entry.state}, pid {entry.process.pid}"
+        elif entry.exit_code is not None:
+            described[node_id] = f"exited with {describe_exit(entry.exit_code)}"
+        else:
+            described[node_id] = "down"
+    return described
+
+
 def _status(client: Client, args: argparse.Namespace) -> int:
+    processes = _processes(args.data)
     cluster_map = client.cluster_map()
     by_node = cluster_map.placement.partitions_by_node()
     print(
@@ -120,10 +163,12 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     for member in cluster_map.members:
         partitions = len(by_node.get(member.node_id, []))
         try:
-            status = client.node_status(member.address, timeout=min(args.timeout, 2.0))
+            status = client.node_status(member.address, timeout=min(args.timeout, STATUS_TIMEOUT))
         except KvError:
             down += 1
-            print(f"{member.node_id:<12} {member.address:<22} {'DOWN':<8} {partitions:>10}")
+            process = processes.get(member.node_id)
+            note = f"{'':>33}{process}" if process else ""
+            print(f"{member.node_id:<12} {member.address:<22} {'DOWN':<8} {partitions:>10}{note}")
             continue
         print(
             f"{member.node_id:<12} {member.address:<22} {'up':<8} {partitions:>10} "
@@ -132,13 +177,38 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     return 1 if down else 0
 
 
+def _bench(args: argparse.Namespace, bench_argv: list[str]) -> int:
+    try:
+        from kv_tools.bench import cli as bench_cli
+    except ImportError as exc:
+        print(
+            f"kv bench: needs the benchmark's extra libraries ({exc.name} is missing): "
+            f"pip install '{BENCH_EXTRA}'",
+            file=sys.stderr,
+        )
+        return 2
+    parser = argparse.ArgumentParser(prog="kv bench", description="Load a running kv cluster.")
+    bench_cli.add_arguments(parser)
+    bench_args = parser.parse_args(bench_argv)
+    bench_args.addr = args.addr
+    return bench_cli.run_from_args(bench_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, rest = p.parse_known_args(argv)
     if args.command == "bench":
-        return bench_cli.run_from_args(args)
+        return _bench(args, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "cluster" and args.cluster_command == "up":
             return run_local_cluster(args.data, args.nodes, args.engine)
+        if args.command == "cluster" and args.cluster_command in cluster_control.ACTIONS:
+            print(cluster_control.ACTIONS[args.cluster_command](args.data, args.node_id))
+            return 0
+        if args.command == "cluster" and args.data is not None:
+            args.addr = ",".join(require_layout(args.data).addresses.values())
         with Client(args.addr, timeout=args.timeout) as client:
             if args.command == "cluster":
                 return _status(client, args)

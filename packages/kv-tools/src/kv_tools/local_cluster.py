@@ -1,192 +1,240 @@
-"""``kv cluster up``: a local cluster of real kv-node processes for trying things out.
+"""``kv cluster up``: a local cluster of real kv-node processes that you can break and mend.
 
-The layout of the data directory is ``cluster.json`` (node ids and ports,
-written on first start so a later start brings back the same nodes) and one
-subdirectory plus log file per node.
+The running command supervises its nodes: a node that exits is reported (id, exit code, log)
+and the others keep serving. ``kv cluster start <id>`` from another terminal asks it, through
+the data directory (see ``cluster_dir``), to start that node again on its same address and
+data. Ctrl-C (or SIGTERM) stops every node; running ``kv cluster up`` again brings back the
+same nodes with their data.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import json
+import fcntl
+import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from kv_client.client import Client
-from kv_client.errors import KvError
+from kv_client import Client
+from kv_tools import launcher
+from kv_tools.cluster_dir import (
+    DOWN,
+    STARTING,
+    UP,
+    Layout,
+    LocalClusterError,
+    LocalNode,
+    NodeState,
+    ProcessId,
+    State,
+    log_path,
+    node_data_dir,
+    read_layout,
+    read_state,
+    take_start_requests,
+    write_layout,
+    write_state,
+)
 
-LAYOUT_FILE = "cluster.json"
 DEFAULT_NODES = 3
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
+LOCK_FILE = "up.lock"
+TICK_SECONDS = 0.2  # how soon a death or a start request is noticed
 
 
-class LocalClusterError(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class LocalNode:
-    node_id: str
-    address: str
-    metrics: str
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the node's own bind is the real check)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def plan(data: Path, nodes: int, engine: str) -> tuple[list[LocalNode], str]:
-    """Nodes to run: the ones recorded in ``data`` or a fresh set on free ports."""
-    layout = data / LAYOUT_FILE
-    if layout.exists():
-        recorded = json.loads(layout.read_text())
-        members = [LocalNode(**n) for n in recorded["nodes"]]
-        if nodes and nodes != len(members):
+def plan(data: Path, nodes: int, engine: str) -> Layout:
+    """The nodes to run: the ones recorded in ``data`` or a fresh set on free ports."""
+    recorded = read_layout(data)
+    if recorded is not None:
+        if nodes and nodes != len(recorded.nodes):
             raise LocalClusterError(
-                f"{data} holds a {len(members)}-node cluster; run with --nodes {len(members)} "
-                "or use another --data directory"
+                f"{data} holds a {len(recorded.nodes)}-node cluster; run with --nodes "
+                f"{len(recorded.nodes)} or use another --data directory"
             )
-        return members, str(recorded["engine"])
+        return recorded
     nodes = nodes or DEFAULT_NODES
     if nodes < 1:
         raise LocalClusterError("--nodes must be at least 1")
-    members = [
-        LocalNode(f"n{i}", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
-        for i in range(1, nodes + 1)
-    ]
-    data.mkdir(parents=True, exist_ok=True)
-    record = {"engine": engine, "nodes": [m.__dict__ for m in members]}
-    layout.write_text(json.dumps(record, indent=2) + "\n")
-    return members, engine
-
-
-def node_command(node: LocalNode, members: list[LocalNode], data: Path, engine: str) -> list[str]:
-    cluster = ",".join(f"{m.node_id}={m.address}" for m in members)
-    return [
-        sys.executable,
-        "-m",
-        "kv_node",
-        "--id",
-        node.node_id,
-        "--cluster",
-        cluster,
-        "--data-dir",
-        str(data / node.node_id),
-        "--engine",
+    layout = Layout(
         engine,
-        "--metrics-listen",
-        node.metrics,
-    ]
-
-
-def wait_serving(
-    client: Client, node_id: str, address: str, process: subprocess.Popen[Any], deadline: float
-) -> None:
-    """Poll the node's status until it answers; fail if its process exits or time runs out."""
-    while True:
-        if process.poll() is not None:
-            raise LocalClusterError(
-                f"node {node_id} exited with code {process.returncode}; see its log file"
+        [
+            LocalNode(
+                f"n{i}",
+                f"127.0.0.1:{launcher.free_port()}",
+                f"127.0.0.1:{launcher.free_port()}",
             )
+            for i in range(1, nodes + 1)
+        ],
+    )
+    write_layout(data, layout)
+    return layout
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"code {code} (killed by {signal.Signals(-code).name})"
+    return f"code {code}"
+
+
+@dataclass
+class Supervisor:
+    """Owns the node processes of one ``kv cluster up`` and publishes their state."""
+
+    data: Path
+    layout: Layout
+    client: Client
+
+    def __post_init__(self) -> None:
+        self.processes: dict[str, launcher.Process] = {}
+        self.state = State(
+            supervisor=ProcessId.of(os.getpid()),
+            nodes={node.node_id: NodeState() for node in self.layout.nodes},
+        )
+
+    def spec(self, node: LocalNode) -> launcher.NodeSpec:
+        return launcher.NodeSpec(
+            node.node_id,
+            node.address,
+            launcher.cluster_spec(self.layout.addresses),
+            node_data_dir(self.data, node.node_id),
+            engine=self.layout.engine,
+            metrics=node.metrics,
+        )
+
+    def start(self, node_id: str) -> None:
+        process = launcher.spawn_node(
+            self.spec(self.layout.node(node_id)),
+            log_path(self.data, node_id),
+            # SIGTERM, not SIGKILL: a killed supervisor's nodes still drain and close cleanly.
+            parent_death_signal=signal.SIGTERM,
+        )
+        self.processes[node_id] = process
+        entry = self.state.nodes[node_id]
+        entry.state, entry.process, entry.exit_code = STARTING, ProcessId.of(process.pid), None
+        entry.starts += 1
+
+    def publish(self) -> None:
+        write_state(self.data, self.state)
+
+    def wait_all_serving(self) -> None:
+        launcher.wait_nodes_serving(
+            (node_id, self.layout.node(node_id).address, process, log_path(self.data, node_id))
+            for node_id, process in self.processes.items()
+        )
+        for entry in self.state.nodes.values():
+            entry.state = UP
+
+    def tick(self) -> bool:
+        """Notice exits, finished starts and start requests; True when the state changed."""
+        changed = False
+        for node_id, process in list(self.processes.items()):
+            entry = self.state.nodes[node_id]
+            code = process.poll()
+            if code is not None:
+                del self.processes[node_id]
+                entry.state, entry.process, entry.exit_code = DOWN, None, code
+                print(
+                    f"node {node_id} exited with {describe_exit(code)}; "
+                    f"log: {log_path(self.data, node_id)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                changed = True
+            elif entry.state == STARTING and self._answers(node_id):
+                entry.state = UP
+                print(f"node {node_id} is up at {self.layout.node(node_id).address}", flush=True)
+                changed = True
+        for node_id in take_start_requests(self.data):
+            if node_id in self.state.nodes and node_id not in self.processes:
+                self.start(node_id)
+                changed = True
+        return changed
+
+    def _answers(self, node_id: str) -> bool:
+        return launcher.answers_status(self.client, self.layout.node(node_id).address)()
+
+    def stop_all(self) -> int:
+        running = list(self.processes.values())
+        launcher.stop(running)
+        for entry in self.state.nodes.values():
+            entry.state, entry.process = DOWN, None
+        self.processes.clear()
+        return len(running)
+
+
+@contextlib.contextmanager
+def _only_supervisor(data: Path) -> Iterator[None]:
+    """Hold the data directory's lock for as long as this ``kv cluster up`` runs.
+
+    An flock, not a pid check: two commands started at once cannot both pass it, and the
+    kernel releases it however the holder dies.
+    """
+    data.mkdir(parents=True, exist_ok=True)
+    with (data / LOCK_FILE).open("a") as lock:
         try:
-            client.node_status(address, timeout=0.5)
-            return
-        except KvError:
-            if time.monotonic() > deadline:
-                raise LocalClusterError(f"node {node_id} did not start answering in time") from None
-            time.sleep(0.05)
-
-
-def wait_ready(nodes: list[LocalNode], processes: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    with Client([n.address for n in nodes], timeout=1.0) as client:
-        for node, process in zip(nodes, processes, strict=True):
-            wait_serving(client, node.node_id, node.address, process, deadline)
-
-
-def stop(processes: Sequence[subprocess.Popen[Any]], *, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM every process, give them ``timeout`` seconds together, then SIGKILL the rest."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_state(data).supervisor
+            who = f" (pid {holder.pid})" if holder is not None else ""
+            raise LocalClusterError(f"kv cluster up{who} is already running on {data}") from None
+        yield
 
 
 def run(data: Path, nodes: int, engine: str) -> int:
-    if importlib.util.find_spec("kv_node") is None:
-        raise LocalClusterError(
-            "kv cluster up needs the kv-node package installed beside kv-client"
-        )
-    members, engine = plan(data, nodes, engine)
-    processes: list[subprocess.Popen[bytes]] = []
+    """Run the cluster until Ctrl-C or SIGTERM; returns the exit code."""
+    with _only_supervisor(data):
+        return _supervise(data, nodes, engine)
+
+
+def _supervise(data: Path, nodes: int, engine: str) -> int:
+    layout = plan(data, nodes, engine)
+    take_start_requests(data)  # requests left by an earlier run are moot: every node starts
     stopping = False
-    exit_code = 0
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
 
     previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        for member in members:
-            log = (data / f"{member.node_id}.log").open("ab")
-            processes.append(
-                subprocess.Popen(
-                    node_command(member, members, data, engine),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    # Own process group: Ctrl-C reaches only us, and we stop the nodes.
-                    start_new_session=True,
-                )
-            )
-            log.close()
-        wait_ready(members, processes)
-        print(f"kv cluster of {len(members)} nodes ({engine} engine) in {data}:")
-        for member in members:
-            print(f"  {member.node_id}  {member.address}  metrics http://{member.metrics}/metrics")
-        addresses = ",".join(m.address for m in members)
-        print(f"try:  kv --addr {addresses} put hello world")
-        print("Ctrl-C stops every node; run the same command again to bring them back.", flush=True)
-        while not stopping:
-            for member, process in zip(members, processes, strict=True):
-                if process.poll() is not None:
-                    print(
-                        f"node {member.node_id} exited with code {process.returncode}; "
-                        f"see {data / (member.node_id + '.log')}",
-                        file=sys.stderr,
-                    )
-                    stopping = True
-                    exit_code = 1
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(KeyboardInterrupt):
-            stop(processes)
-        if processes:
-            print(f"stopped {len(processes)} nodes", flush=True)
-    return exit_code
+    stopped = 0
+    with Client(list(layout.addresses.values()), timeout=1.0) as client:
+        supervisor = Supervisor(data, layout, client)
+        try:
+            for node in layout.nodes:
+                supervisor.start(node.node_id)
+            supervisor.publish()
+            supervisor.wait_all_serving()
+            supervisor.publish()
+            _banner(data, layout)
+            while not stopping:
+                if supervisor.tick():
+                    supervisor.publish()
+                time.sleep(TICK_SECONDS)
+        except KeyboardInterrupt:
+            pass
+        except launcher.LaunchError as exc:
+            raise LocalClusterError(str(exc)) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            with contextlib.suppress(KeyboardInterrupt):
+                stopped = supervisor.stop_all()
+                supervisor.state.supervisor = None
+                supervisor.publish()
+            print(f"stopped {stopped} nodes", flush=True)
+    return 0
 
 
-__all__ = ["LocalClusterError", "run"]
+def _banner(data: Path, layout: Layout) -> None:
+    print(f"kv cluster of {len(layout.nodes)} nodes ({layout.engine} engine) in {data}:")
+    for node in layout.nodes:
+        print(f"  {node.node_id}  {node.address}  metrics http://{node.metrics}/metrics")
+    addresses = ",".join(node.address for node in layout.nodes)
+    print(f"try:  kv --addr {addresses} put hello world")
+    print(f"      kv cluster kill n1 --data {data}   (then: kv cluster start n1 --data {data})")
+    print("Ctrl-C stops every node; run the same command again to bring them back.", flush=True)
+
+
+__all__ = ["LocalClusterError", "plan", "run"]

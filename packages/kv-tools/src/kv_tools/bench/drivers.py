@@ -13,23 +13,26 @@ request, ``batch`` is many operations in one request (returns how many of them f
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import importlib
-import inspect
-from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from kv.v1 import kv_pb2, kv_pb2_grpc
-from kv_client._transport import CHANNEL_OPTIONS
-from kv_client.aio import AsyncClient
-from kv_common.wire import EPOCH_METADATA
-from kv_tools.bench.workload import GET, PUT, Op
+from kv_client import AsyncClient, KvError
+from kv_client.batch import Get, Put
+from kv_tools.bench.workload import PUT, Op
 
 DEFAULT_TIMEOUT = 10.0
+# The bench's own channels (echo, one node, etcd): quick reconnects, large messages.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
 
 
 class DriverError(Exception):
@@ -130,10 +133,8 @@ class StubDriver(Driver):
 class SdkDriver(Driver):
     """kv through the SDK's ``AsyncClient`` (direct routing to each key's owner).
 
-    Batches use the SDK's own batch API when it has one (``batch``, else ``put_many`` /
-    ``get_many``); an SDK without it gets batches split by owner with the SDK's cluster map
-    and sent as raw Batch calls marked as routed, which is what an SDK batch does on the
-    wire. ``coalesce=False`` turns the SDK's request coalescing off, when it has any.
+    Batches go through the SDK's ``batch``; ``coalesce=False`` turns the SDK's request
+    coalescing off.
     """
 
     def __init__(
@@ -144,9 +145,6 @@ class SdkDriver(Driver):
         self._timeout = timeout
         self._coalesce = coalesce
         self._client: AsyncClient | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, kv_pb2_grpc.KVServiceAsyncStub] = {}
-        self._batch_api: Any = None
 
     @property
     def client(self) -> AsyncClient:
@@ -155,17 +153,14 @@ class SdkDriver(Driver):
         return self._client
 
     async def setup(self) -> None:
-        options: dict[str, Any] = {"timeout": self._timeout}
-        if not self._coalesce and "coalesce" in inspect.signature(AsyncClient).parameters:
-            options["coalesce"] = None
-        self._client = AsyncClient(self._addresses, **options)
-        if hasattr(self._client, "batch"):
-            with contextlib.suppress(ImportError):
-                self._batch_api = importlib.import_module("kv_client.batch")
+        if self._coalesce:
+            self._client = AsyncClient(self._addresses, timeout=self._timeout)
+        else:
+            self._client = AsyncClient(self._addresses, timeout=self._timeout, coalesce=None)
         try:
             await self._client.cluster_map(refresh=True)
             await self._client.get(b"bench-probe")
-        except Exception as exc:
+        except KvError as exc:
             raise DriverError(f"the SDK cannot reach {self._addresses}: {exc}") from None
 
     async def put(self, key: bytes, value: bytes) -> None:
@@ -175,57 +170,15 @@ class SdkDriver(Driver):
         return await self.client.get(key)
 
     async def batch(self, ops: Sequence[Op]) -> int:
-        client: Any = self.client
-        api = self._batch_api
-        if api is not None:
-            results = await client.batch(
-                [api.Put(op.key, op.value) if op.kind == PUT else api.Get(op.key) for op in ops]
-            )
-            return sum(1 for r in results if isinstance(r, Exception))
-        kinds = {op.kind for op in ops}
-        if kinds == {PUT} and hasattr(client, "put_many"):
-            await client.put_many([(op.key, op.value) for op in ops])
-            return 0
-        if kinds == {GET} and hasattr(client, "get_many"):
-            await client.get_many([op.key for op in ops])
-            return 0
-        return await self._routed_batch(ops)
-
-    def _stub(self, address: str) -> kv_pb2_grpc.KVServiceAsyncStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-            stub = self._stubs[address] = kv_pb2_grpc.KVServiceStub(channel)
-        return stub
-
-    async def _routed_batch(self, ops: Sequence[Op]) -> int:
-        cluster_map = await self.client.cluster_map()
-        groups: defaultdict[str, list[Op]] = defaultdict(list)
-        for op in ops:
-            groups[cluster_map.owner_of(op.key)[1]].append(op)
-        metadata = ((EPOCH_METADATA, str(cluster_map.epoch)),)
-
-        async def send(address: str, group: list[Op]) -> int:
-            response = await self._stub(address).Batch(
-                _batch_request(group), timeout=self._timeout, metadata=metadata
-            )
-            return _failed(response, len(group))
-
-        if len(groups) == 1:
-            ((address, group),) = groups.items()
-            return await send(address, group)
-        failed = await asyncio.gather(*(send(a, g) for a, g in groups.items()))
-        return sum(failed)
+        results = await self.client.batch(
+            [Put(op.key, op.value) if op.kind == PUT else Get(op.key) for op in ops]
+        )
+        return sum(1 for r in results if isinstance(r, Exception))
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
-        for channel in self._channels.values():
-            await channel.close()
         self._client = None
-        self._channels.clear()
-        self._stubs.clear()
 
 
 # --- etcd: protobuf wire format by hand -------------------------------------------------
@@ -325,32 +278,35 @@ class EtcdDriver(Driver):
         self._address = address
         self._timeout = timeout
         self._channel: grpc.aio.Channel | None = None
-        self._put: Any = None
-        self._range: Any = None
-        self._txn: Any = None
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
     async def setup(self) -> None:
         channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
         self._channel = channel
-        self._put = channel.unary_unary("/etcdserverpb.KV/Put")
-        self._range = channel.unary_unary("/etcdserverpb.KV/Range")
-        self._txn = channel.unary_unary("/etcdserverpb.KV/Txn")
+        for method in ("Put", "Range", "Txn"):
+            self._calls[method] = channel.unary_unary(f"/etcdserverpb.KV/{method}")
         try:
-            await self._range(
+            await self._call("Range")(
                 etcd_range_request(b"bench-probe"), timeout=self._timeout, wait_for_ready=True
             )
         except grpc.RpcError as exc:
             raise DriverError(f"etcd at {self._address} does not answer Range: {exc}") from None
 
+    def _call(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        if method not in self._calls:
+            raise DriverError("driver used before setup()")
+        return self._calls[method]
+
     async def put(self, key: bytes, value: bytes) -> None:
-        await self._put(etcd_put_request(key, value), timeout=self._timeout)
+        await self._call("Put")(etcd_put_request(key, value), timeout=self._timeout)
 
     async def get(self, key: bytes) -> bytes | None:
-        return etcd_range_value(await self._range(etcd_range_request(key), timeout=self._timeout))
+        response = await self._call("Range")(etcd_range_request(key), timeout=self._timeout)
+        return etcd_range_value(response)
 
     async def batch(self, ops: Sequence[Op]) -> int:
         unique = list({(op.kind, op.key): op for op in ops}.values())
-        await self._txn(etcd_txn_request(unique), timeout=self._timeout)
+        await self._call("Txn")(etcd_txn_request(unique), timeout=self._timeout)
         return 0
 
     async def close(self) -> None:
@@ -368,29 +324,29 @@ class RedisDriver(Driver):
         self._host = host
         self._port = port
         self._timeout = timeout
-        self._redis: Any = None
+        self._redis: Redis | None = None
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            raise DriverError("driver used before setup()")
+        return self._redis
 
     async def setup(self) -> None:
-        try:
-            # Optional (the `bench` dependency group): imported untyped, only when used.
-            aioredis: Any = importlib.import_module("redis.asyncio")
-        except ImportError:
-            raise DriverError("redis-py is not installed (pip install redis)") from None
-        self._redis = aioredis.Redis(host=self._host, port=self._port, socket_timeout=self._timeout)
+        self._redis = Redis(host=self._host, port=self._port, socket_timeout=self._timeout)
         try:
             await self._redis.ping()
-        except Exception as exc:
+        except RedisError as exc:
             raise DriverError(f"redis at {self._host}:{self._port}: {exc}") from None
 
     async def put(self, key: bytes, value: bytes) -> None:
-        await self._redis.set(key, value)
+        await self._client().set(key, value)
 
     async def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = await self._redis.get(key)
-        return value
+        value = await self._client().get(key)
+        return value.encode() if isinstance(value, str) else value
 
     async def batch(self, ops: Sequence[Op]) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._client().pipeline(transaction=False) as pipe:
             for op in ops:
                 if op.kind == PUT:
                     pipe.set(op.key, op.value)

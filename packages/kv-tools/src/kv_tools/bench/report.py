@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -13,6 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from matplotlib import ticker
+from matplotlib.figure import Figure
 
 from kv_tools.bench.suite import Aggregate, RatioResult, SuiteResult
 
@@ -161,16 +163,9 @@ def to_json(result: SuiteResult, info: dict[str, Any]) -> dict[str, Any]:
 def chart(result: SuiteResult, path: Path, title: str = "kv benchmark") -> Path | None:
     """Throughput per configuration (with min-max) and its latency percentiles, as a PNG.
 
-    Returns None when matplotlib is not installed.
+    Returns None when there is nothing to draw. Draws on a bare ``Figure`` (no pyplot), so no
+    display and no global backend are involved.
     """
-    try:
-        # Optional (the `bench` dependency group): imported untyped, only when used.
-        matplotlib: Any = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt: Any = importlib.import_module("matplotlib.pyplot")
-        ticker: Any = importlib.import_module("matplotlib.ticker")
-    except ImportError:
-        return None
     aggregates = [a for a in result.aggregates.values() if a.rounds]
     if not aggregates:
         return None
@@ -180,9 +175,8 @@ def chart(result: SuiteResult, path: Path, title: str = "kv benchmark") -> Path 
     low = [o["median"] - o["min"] for o in ops]
     high = [o["max"] - o["median"] for o in ops]
     height = max(4.0, 0.38 * len(labels) + 1.5)
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(15, height), sharey=True, gridspec_kw={"width_ratios": [1.2, 1]}
-    )
+    fig = Figure(figsize=(15, height))
+    left, right = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.2, 1]})
     positions = list(range(len(labels)))
     colors = [_color(a.config.target) for a in aggregates]
     left.barh(positions, medians, xerr=[low, high], color=colors, capsize=2)
@@ -209,7 +203,6 @@ def chart(result: SuiteResult, path: Path, title: str = "kv benchmark") -> Path 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

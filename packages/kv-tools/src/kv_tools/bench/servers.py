@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kv_tools.local_cluster import free_port
-from kv_tools.local_cluster import stop as stop_processes
+from kv_tools import launcher
+from kv_tools.launcher import free_port
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -80,7 +78,7 @@ def disk_bytes(path: Path) -> tuple[int, int]:
 @dataclass
 class Process:
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: launcher.Process
     log: Path
     data_dir: Path
     address: str
@@ -98,23 +96,15 @@ class Process:
 
 
 def _wait_port(process: Process, timeout: float = READY_TIMEOUT) -> None:
-    host, port = process.address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.popen.poll() is not None:
-            raise ServerError(
-                f"{process.name} exited with code {process.popen.returncode}:\n{process.log_tail()}"
-            )
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise ServerError(
-                    f"{process.name} did not listen on {process.address} within {timeout:.0f}s:"
-                    f"\n{process.log_tail()}"
-                ) from None
-            time.sleep(0.05)
+    try:
+        launcher.wait_until(
+            launcher.accepts_connections(process.address),
+            process.popen,
+            name=process.name,
+            deadline=time.monotonic() + timeout,
+        )
+    except launcher.LaunchError as exc:
+        raise ServerError(f"{exc}:\n{process.log_tail()}") from None
 
 
 @dataclass
@@ -149,26 +139,19 @@ class Servers:
 
     def _spawn(self, name: str, argv: Sequence[str], data_dir: Path, address: str) -> Process:
         log = data_dir / "server.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                list(argv),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=data_dir,
-                start_new_session=True,  # a Ctrl-C of the bench reaches us, not them
-            )
+        # Own session: a Ctrl-C of the bench reaches us, not them; they die with the bench.
+        popen = launcher.spawn(argv, log, cwd=data_dir)
         process = Process(name, popen, log, data_dir, address)
         self.processes.append(process)
         return process
 
     def stop(self, process: Process) -> None:
-        stop_processes([process.popen], timeout=STOP_TIMEOUT)
+        launcher.stop([process.popen], timeout=STOP_TIMEOUT)
         if process in self.processes:
             self.processes.remove(process)
 
     def stop_all(self) -> None:
-        stop_processes([p.popen for p in self.processes], timeout=STOP_TIMEOUT)
+        launcher.stop([p.popen for p in self.processes], timeout=STOP_TIMEOUT)
         self.processes.clear()
 
     # --- the targets -------------------------------------------------------------------
@@ -193,30 +176,25 @@ class Servers:
         """A kv cluster of ``nodes`` real node processes; returns them in id order."""
         ids = [f"n{i}" for i in range(1, nodes + 1)]
         addresses = {node_id: f"127.0.0.1:{free_port()}" for node_id in ids}
-        cluster = ",".join(f"{i}={a}" for i, a in addresses.items())
+        cluster = launcher.cluster_spec(addresses)
         started = []
         for node_id in ids:
             data_dir = self._dir(f"kv-{engine}-{node_id}")
-            argv = [
-                sys.executable,
-                "-m",
-                "kv_node",
-                "--id",
+            spec = launcher.NodeSpec(
                 node_id,
-                "--listen",
                 addresses[node_id],
-                "--cluster",
                 cluster,
-                "--engine",
-                engine,
-                "--data-dir",
-                str(data_dir / "data"),
-            ]
-            started.append(
-                self._spawn(f"kv-{engine}-{node_id}", argv, data_dir, addresses[node_id])
+                data_dir / "data",
+                engine=engine,
+                extra=("--listen", addresses[node_id]),
             )
-        for process in started:
-            _wait_port(process)
+            started.append(
+                self._spawn(f"kv-{engine}-{node_id}", spec.argv(), data_dir, addresses[node_id])
+            )
+        try:
+            launcher.wait_nodes_serving((p.name, p.address, p.popen, p.log) for p in started)
+        except launcher.LaunchError as exc:
+            raise ServerError(str(exc)) from None
         return started
 
     def start_etcd(self) -> Process | Unavailable:
