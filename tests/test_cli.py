@@ -68,16 +68,21 @@ class Up:
         return self.output()
 
 
+SIGINT_IGNORED = ["bash", "-c", 'trap "" INT; exec "$@"', "kv-up"]
+"""Start a command as a script's background job does: with SIGINT ignored, inherited."""
+
+
 @contextmanager
-def cluster_up(data: Path, *args: str) -> Iterator[Up]:
+def cluster_up(data: Path, *args: str, sigint_ignored: bool = False) -> Iterator[Up]:
     """``kv cluster up`` in the background, interrupted (or killed) however the block ends.
 
     Its output goes to a file, never a pipe, so that waiting for the banner keeps a deadline.
     The command dies with the test runner (parent-death signal) and its nodes die with it.
     """
     log = data.parent / f"{data.name}-up-{time.monotonic_ns()}.log"
+    prefix = SIGINT_IGNORED if sigint_ignored else []
     process = launcher.spawn(
-        [*KV, "cluster", "up", "--data", str(data), *args],
+        [*prefix, *KV, "cluster", "up", "--data", str(data), *args],
         log,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -122,10 +127,12 @@ def test_cluster_up_cli_round_trip_and_restart(tmp_path: Path) -> None:
     out = up.output()
     assert "stopped 2 nodes" in out
 
-    # Same --data: the same nodes come back with their data.
-    with cluster_up(data):
+    # Same --data: the same nodes come back with their data. This time it starts with SIGINT
+    # ignored, as under a script's `&`: Ctrl-C must still stop it.
+    with cluster_up(data, sigint_ignored=True) as again_up:
         again = kv("get", "greeting", "--version", addresses=addresses)
         assert (again.returncode, again.stdout) == (0, f"version {version}\nhello\n")
+    assert "stopped 2 nodes" in again_up.output()
 
 
 def test_cli_promises_conditional_writes_versions_delete_and_env(tmp_path: Path) -> None:

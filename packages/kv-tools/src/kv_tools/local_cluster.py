@@ -199,6 +199,9 @@ def _supervise(data: Path, nodes: int, engine: str) -> int:
         stopping = True
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    # Started in the background by a script, SIGINT arrives ignored (and Python then keeps
+    # it ignored); Ctrl-C, or kill -INT, must still stop the cluster.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     stopped = 0
     with Client(list(layout.addresses.values()), timeout=1.0) as client:
         supervisor = Supervisor(data, layout, client)
@@ -219,6 +222,7 @@ def _supervise(data: Path, nodes: int, engine: str) -> int:
             raise LocalClusterError(str(exc)) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
             with contextlib.suppress(KeyboardInterrupt):
                 stopped = supervisor.stop_all()
                 supervisor.state.supervisor = None
