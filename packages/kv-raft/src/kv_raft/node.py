@@ -8,7 +8,7 @@ follow the Raft paper and thesis; where they leave a choice, the choice made by 
 
 from __future__ import annotations
 
-from kv_raft import faults
+from kv_raft.faults import Bug
 from kv_raft.log import RaftLog
 from kv_raft.progress import Progress, ProgressState
 from kv_raft.quorum import VoteResult, committed_index, has_quorum, vote_result
@@ -52,6 +52,17 @@ class RawNode:
         self.id = config.id
         self._cfg = config
         self._rng = config.rng
+        bugs = config.bugs
+        self._bug_stale_votes = Bug.COUNT_STALE_VOTES in bugs
+        self._bug_commit_previous_term = Bug.COMMIT_PREVIOUS_TERM in bugs
+        self._bug_forget_vote = Bug.FORGET_VOTE_PERSIST in bugs
+        self._bug_skip_log_match = Bug.SKIP_LOG_MATCH_CHECK in bugs
+        self._bug_vote_without_sync = Bug.VOTE_WITHOUT_SYNC in bugs
+        self._bug_read_no_confirm = Bug.READ_INDEX_NO_CONFIRM in bugs
+        self._bug_read_before_term_commit = Bug.READ_BEFORE_TERM_COMMIT in bugs
+        self._bug_campaign_unapplied = Bug.CAMPAIGN_WITH_UNAPPLIED_CONF in bugs
+        self._bug_follower_commit = Bug.FOLLOWER_COMMIT_PAST_APPEND in bugs
+        self._bug_transfer_forever = Bug.TRANSFER_NEVER_ABANDONED in bugs
         self.log = RaftLog(storage)
         hard_state, conf_state = storage.initial_state()
         self.term = hard_state.term
@@ -59,14 +70,22 @@ class RawNode:
         self.log.commit_to(hard_state.commit)
         self.voters: set[int] = set(conf_state.voters)
         self.learners: set[int] = set(conf_state.learners)
+        if config.applied > self.log.committed:
+            # The state machine holds entries the log says are not committed: the runtime lost
+            # data it had reported durable. Going on would apply other entries over them.
+            raise ValueError(
+                f"Config.applied {config.applied} is beyond the durable commit index "
+                f"{self.log.committed}: storage lost acknowledged state"
+            )
         if config.applied > self.log.applied:
-            applied = min(config.applied, self.log.committed)
+            applied = config.applied
             # The stored ConfState is as of the snapshot; replay the configuration changes that
             # the application applied after it, before the restart.
             start = max(storage.snapshot().meta.index, self.log.applied) + 1
             for entry in self.log.slice(start, applied + 1):
                 if entry.type == EntryType.CONF_CHANGE:
                     self._change_membership(ConfChange.decode(entry.data))
+            self.log.applying_to(applied)
             self.log.applied_to(applied)
 
         self.role = Role.FOLLOWER
@@ -185,7 +204,8 @@ class RawNode:
             if self._cfg.check_quorum and not self._quorum_recently_active():
                 self._become_follower(self.term, NO_NODE)
                 return
-            self.lead_transferee = NO_NODE
+            if not self._bug_transfer_forever:
+                self.lead_transferee = NO_NODE
         for node, pr in self.prs.items():
             if pr.state == ProgressState.SNAPSHOT and node != self.id:
                 pr.snapshot_elapsed += 1
@@ -219,7 +239,7 @@ class RawNode:
         if self.role == Role.LEADER or not self.promotable:
             return
         # Counting votes with a configuration older than a committed one could elect two leaders.
-        if self._has_unapplied_conf_changes():
+        if self._has_unapplied_conf_changes() and not self._bug_campaign_unapplied:
             return
         self._campaign(pre=self._cfg.pre_vote and not transfer, transfer=transfer)
 
@@ -245,15 +265,12 @@ class RawNode:
         for voter in sorted(self.voters):
             if voter != self.id:
                 self._send(
-                    Message(
-                        vote_type,
-                        to=voter,
-                        frm=self.id,
-                        term=term,
-                        index=last_index,
-                        log_term=last_term,
-                        context=context,
-                    )
+                    vote_type,
+                    voter,
+                    term=term,
+                    index=last_index,
+                    log_term=last_term,
+                    context=context,
                 )
 
     def _handle_vote_request(self, m: Message) -> None:
@@ -266,12 +283,12 @@ class RawNode:
         )
         if can_vote and self.log.is_up_to_date(m.index, m.log_term):
             # A pre-vote grant echoes the candidate's future term so it is not dropped as stale.
-            self._send(Message(resp_type, to=m.frm, frm=self.id, term=m.term))
+            self._send(resp_type, m.frm, term=m.term)
             if not pre:
                 self.election_elapsed = 0
                 self.vote = m.frm
         else:
-            self._send(Message(resp_type, to=m.frm, frm=self.id, term=self.term, reject=True))
+            self._send(resp_type, m.frm, reject=True)
 
     def _handle_vote_response(self, m: Message) -> None:
         if m.frm not in self.votes:
@@ -288,8 +305,42 @@ class RawNode:
 
     # ------------------------------------------------------------------------------------------
     # Messages
-    def _send(self, m: Message) -> None:
-        self.msgs.append(m)
+    def _send(
+        self,
+        kind: MessageType,
+        to: int,
+        *,
+        term: int | None = None,
+        index: int = 0,
+        log_term: int = 0,
+        entries: tuple[Entry, ...] = (),
+        commit: int = 0,
+        reject: bool = False,
+        reject_hint: int = 0,
+        snapshot: Snapshot | None = None,
+        context: bytes = b"",
+    ) -> None:
+        """Queue one message from this node, in our term unless ``term`` says otherwise.
+
+        Only two messages carry another term: a candidate's (pre-)vote request, and a pre-vote
+        grant, which echoes the candidate's future term so that it is not dropped as stale.
+        """
+        self.msgs.append(
+            Message(
+                kind,
+                to=to,
+                frm=self.id,
+                term=self.term if term is None else term,
+                log_term=log_term,
+                index=index,
+                entries=entries,
+                commit=commit,
+                reject=reject,
+                reject_hint=reject_hint,
+                snapshot=snapshot,
+                context=context,
+            )
+        )
 
     def step(self, m: Message) -> None:
         """Feed one message received from a peer."""
@@ -320,20 +371,12 @@ class RawNode:
             ):
                 # A leader cut off by a partition learns our term and steps down; without this a
                 # node that bumped its term could never rejoin (pre-vote keeps terms from rising).
-                self._send(Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term))
+                self._send(MessageType.APPEND_RESP, m.frm)
                 return
             if m.type == MessageType.PRE_VOTE:
-                self._send(
-                    Message(
-                        MessageType.PRE_VOTE_RESP,
-                        to=m.frm,
-                        frm=self.id,
-                        term=self.term,
-                        reject=True,
-                    )
-                )
+                self._send(MessageType.PRE_VOTE_RESP, m.frm, reject=True)
                 return
-            if not (faults.COUNT_STALE_VOTES and m.type == MessageType.VOTE_RESP):
+            if not (self._bug_stale_votes and m.type == MessageType.VOTE_RESP):
                 return
 
         if m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
@@ -385,41 +428,31 @@ class RawNode:
     # Follower side of replication
     def _handle_append(self, m: Message) -> None:
         if m.index < self.log.committed:
-            self._send(
-                Message(
-                    MessageType.APPEND_RESP,
-                    to=m.frm,
-                    frm=self.id,
-                    term=self.term,
-                    index=self.log.committed,
-                )
-            )
+            self._send(MessageType.APPEND_RESP, m.frm, index=self.log.committed)
             return
-        if faults.SKIP_LOG_MATCH_CHECK:
+        if self._bug_skip_log_match:
             last_new = self._append_unchecked(m)
         else:
-            last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
-        if last_new is not None:
-            self._send(
-                Message(
-                    MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=last_new
-                )
+            last_new = self.log.maybe_append(
+                m.index,
+                m.log_term,
+                m.commit,
+                m.entries,
+                commit_unverified=self._bug_follower_commit,
             )
+        if last_new is not None:
+            self._send(MessageType.APPEND_RESP, m.frm, index=last_new)
             return
         hint, hint_term = self.log.find_conflict_by_term(
             min(m.index, self.log.last_index()), m.log_term
         )
         self._send(
-            Message(
-                MessageType.APPEND_RESP,
-                to=m.frm,
-                frm=self.id,
-                term=self.term,
-                index=m.index,
-                reject=True,
-                reject_hint=hint,
-                log_term=hint_term,
-            )
+            MessageType.APPEND_RESP,
+            m.frm,
+            index=m.index,
+            reject=True,
+            reject_hint=hint,
+            log_term=hint_term,
         )
 
     def _append_unchecked(self, m: Message) -> int | None:
@@ -434,24 +467,14 @@ class RawNode:
 
     def _handle_heartbeat(self, m: Message) -> None:
         self.log.commit_to(m.commit)
-        self._send(
-            Message(
-                MessageType.HEARTBEAT_RESP,
-                to=m.frm,
-                frm=self.id,
-                term=self.term,
-                context=m.context,
-            )
-        )
+        self._send(MessageType.HEARTBEAT_RESP, m.frm, context=m.context)
 
     def _handle_snapshot(self, m: Message) -> None:
-        snapshot = m.snapshot
-        index = self.log.committed
-        if snapshot is not None and self._restore(snapshot):
-            index = self.log.last_index()
-        self._send(
-            Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=index)
-        )
+        if m.snapshot is not None:
+            self._restore(m.snapshot)
+        # Read after the restore: a snapshot we already held still raised our commit index, and
+        # the leader leaves SNAPSHOT state only once it hears an index at least the snapshot's.
+        self._send(MessageType.APPEND_RESP, m.frm, index=self.log.committed)
 
     def _restore(self, snapshot: Snapshot) -> bool:
         meta = snapshot.meta
@@ -481,7 +504,7 @@ class RawNode:
     def _maybe_commit(self) -> bool:
         match = {node: pr.match for node, pr in self.prs.items()}
         index = committed_index(self.voters, match)
-        if not self.log.maybe_commit(index, self.term, any_term=faults.COMMIT_PREVIOUS_TERM):
+        if not self.log.maybe_commit(index, self.term, any_term=self._bug_commit_previous_term):
             return False
         if self._reads_before_commit and self.log.term(self.log.committed) == self.term:
             waiting, self._reads_before_commit = self._reads_before_commit, []
@@ -513,23 +536,17 @@ class RawNode:
                 return False
             snapshot = self.log.storage.snapshot()
             pr.become_snapshot(snapshot.meta.index)
-            self._send(
-                Message(MessageType.SNAPSHOT, to=to, frm=self.id, term=self.term, snapshot=snapshot)
-            )
+            self._send(MessageType.SNAPSHOT, to, snapshot=snapshot)
             return True
         if not entries and not send_if_empty:
             return False
         self._send(
-            Message(
-                MessageType.APPEND,
-                to=to,
-                frm=self.id,
-                term=self.term,
-                index=prev_index,
-                log_term=prev_term,
-                entries=tuple(entries),
-                commit=self.log.committed,
-            )
+            MessageType.APPEND,
+            to,
+            index=prev_index,
+            log_term=prev_term,
+            entries=tuple(entries),
+            commit=self.log.committed,
         )
         if pr.state == ProgressState.REPLICATE:
             if entries:
@@ -568,7 +585,7 @@ class RawNode:
         while self._send_append(m.frm, send_if_empty=False):
             pass
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
-            self._send(Message(MessageType.TIMEOUT_NOW, to=m.frm, frm=self.id, term=self.term))
+            self._send(MessageType.TIMEOUT_NOW, m.frm)
 
     def _handle_heartbeat_response(self, m: Message, pr: Progress) -> None:
         pr.recent_active = True
@@ -589,14 +606,10 @@ class RawNode:
         for node, pr in self.prs.items():
             if node != self.id:
                 self._send(
-                    Message(
-                        MessageType.HEARTBEAT,
-                        to=node,
-                        frm=self.id,
-                        term=self.term,
-                        commit=min(pr.match, self.log.committed),
-                        context=context,
-                    )
+                    MessageType.HEARTBEAT,
+                    node,
+                    commit=min(pr.match, self.log.committed),
+                    context=context,
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -715,10 +728,10 @@ class RawNode:
             raise NotLeader(self.lead)
         if not request_id:
             raise ValueError("request_id must not be empty")
-        if faults.READ_INDEX_NO_CONFIRM:
+        if self._bug_read_no_confirm:
             self.read_states.append(ReadState(self.log.committed, request_id))
             return
-        if self.log.term(self.log.committed) != self.term:
+        if self.log.term(self.log.committed) != self.term and not self._bug_read_before_term_commit:
             # Our commit index may lag the true one until an entry of our term commits.
             self._reads_before_commit.append(request_id)
             return
@@ -735,7 +748,7 @@ class RawNode:
         self.lead_transferee = to
         self.election_elapsed = 0
         if self.prs[to].match == self.log.last_index():
-            self._send(Message(MessageType.TIMEOUT_NOW, to=to, frm=self.id, term=self.term))
+            self._send(MessageType.TIMEOUT_NOW, to)
         else:
             self._send_append(to)
 
@@ -752,7 +765,7 @@ class RawNode:
     # ------------------------------------------------------------------------------------------
     # Ready / advance
     def _hard_state(self) -> HardState:
-        vote = NO_NODE if faults.FORGET_VOTE_PERSIST else self.vote
+        vote = NO_NODE if self._bug_forget_vote else self.vote
         return HardState(self.term, vote, self.log.committed)
 
     def has_ready(self) -> bool:
@@ -767,7 +780,7 @@ class RawNode:
         return (
             prev.term != self.term
             or prev.commit != self.log.committed
-            or (prev.vote != self.vote and not faults.FORGET_VOTE_PERSIST)
+            or (prev.vote != self.vote and not self._bug_forget_vote)
         )
 
     def ready(self) -> Ready:
@@ -796,12 +809,18 @@ class RawNode:
             read_states=read_states,
             must_sync=bool(entries)
             or snapshot is not None
-            or hard.term != prev_hard.term
-            or hard.vote != prev_hard.vote,
+            or (
+                (hard.term != prev_hard.term or hard.vote != prev_hard.vote)
+                and not self._bug_vote_without_sync
+            ),
         )
 
     def advance(self, rd: Ready) -> None:
-        """The runtime persisted, sent and applied ``rd``; configuration changes take effect now."""
+        """The runtime persisted and sent ``rd``, and installed its snapshot.
+
+        Unless ``Config.async_apply``, it also applied ``rd.committed_entries``, and their
+        configuration changes take effect now; otherwise they do at ``applied_to``.
+        """
         if rd.soft_state is not None:
             self._prev_soft = rd.soft_state
         if rd.hard_state is not None:
@@ -811,9 +830,27 @@ class RawNode:
             self.log.stable_to(last.index, last.term)
         if rd.snapshot is not None:
             self.log.stable_snap_to(rd.snapshot.meta.index)
+            self.log.applying_to(rd.snapshot.meta.index)
             self.log.applied_to(rd.snapshot.meta.index)
-        for entry in rd.committed_entries:
+        if rd.committed_entries:
+            self.log.applying_to(rd.committed_entries[-1].index)
+            if not self._cfg.async_apply:
+                self.applied_to(rd.committed_entries[-1].index)
+
+    def applied_to(self, index: int) -> None:
+        """The state machine has applied every entry handed out up to ``index``.
+
+        Called by ``advance`` itself unless ``Config.async_apply``. Configuration changes among
+        those entries take effect here, in log order, and never before they are applied: until
+        then the node neither campaigns nor (as leader) accepts another change.
+        """
+        if index <= self.log.applied:
+            return
+        if index > self.log.applying:
+            raise ValueError(
+                f"applied_to({index}) beyond the entries handed out ({self.log.applying})"
+            )
+        for entry in self.log.slice(max(self.log.applied + 1, self.log.first_index()), index + 1):
             if entry.type == EntryType.CONF_CHANGE:
                 self._apply_conf_change(ConfChange.decode(entry.data))
-        if rd.committed_entries:
-            self.log.applied_to(rd.committed_entries[-1].index)
+        self.log.applied_to(index)

@@ -6,12 +6,14 @@ not a false alarm of the simulator.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, replace
 
 import pytest
 
-from kv_raft import faults
+from kv_raft.faults import Bug, parse_bug
 from kv_raft.sim.simulation import RunResult, SimConfig, run_seed
+from kv_raft.types import Config
 
 # The simulator must catch each bug within this many consecutive seeds.
 SEED_BUDGET = 50
@@ -50,13 +52,13 @@ def test_simulator_catches_planted_bug(bug: PlantedBug) -> None:
     assert caught is not None, f"{bug.name} survived {SEED_BUDGET} seeds"
     assert caught.failure is not None and bug.catches_with in caught.failure, caught.report()
     assert f"--bug {bug.name}" in caught.report()  # the replay command plants it again
-    assert not getattr(faults, bug.name)  # switched off again after the run
     for seed in range(1, caught.config.seed + 1):
         clean = run_seed(replace(base, seed=seed, bug=None))
         assert clean.ok, clean.report()
 
 
-def test_every_fault_is_off_by_default() -> None:
-    assert not any(getattr(faults, name) for name in faults.NAMES)
-    with pytest.raises(ValueError, match="unknown fault"):
-        faults.set_fault("NO_SUCH_BUG", True)
+def test_bugs_are_configuration_not_globals() -> None:
+    assert Config(id=1, rng=random.Random(0)).bugs == frozenset()
+    assert parse_bug("COUNT_STALE_VOTES") is Bug.COUNT_STALE_VOTES
+    with pytest.raises(ValueError, match="unknown bug"):
+        parse_bug("NO_SUCH_BUG")

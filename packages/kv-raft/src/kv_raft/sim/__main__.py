@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
-from kv_raft.faults import NAMES as FAULT_NAMES
+from kv_raft.faults import Bug
 from kv_raft.sim.simulation import RunResult, SimConfig, run_seed
 
 # A soak is the CI run scaled up: same seeds first, then many more, and longer runs.
@@ -30,7 +30,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ticks", type=int, default=SimConfig.ticks, help="ticks with faults")
     p.add_argument("--liveness-ticks", type=int, default=SimConfig.liveness_ticks)
     p.add_argument("--soak", action="store_true", help=f"{SOAK_SEEDS} seeds unless --seeds given")
-    p.add_argument("--bug", choices=FAULT_NAMES, help="plant a known bug (test-only)")
+    p.add_argument("--bug", choices=[b.name for b in Bug], help="plant a known bug (test-only)")
     p.add_argument("--storm", action="store_true", help="stormy fault profile on every seed")
     p.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (seeds are independent)")

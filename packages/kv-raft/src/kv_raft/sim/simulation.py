@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from kv_raft import faults
+from kv_raft.faults import parse_bug
 from kv_raft.node import NotLeader, ProposalDropped, RawNode
 from kv_raft.sim.checker import InvariantViolation, SafetyChecker
 from kv_raft.sim.kvstore import Command, Kind, KVStateMachine
@@ -294,6 +294,7 @@ class SimNode:
 class Simulation:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
+        self._bugs = frozenset() if cfg.bug is None else frozenset({parse_bug(cfg.bug)})
         self.rng = random.Random(cfg.seed)
         self.profile = FaultProfile.draw(self.rng, storm=cfg.storm)
         self.network = Network(self.rng)
@@ -347,6 +348,7 @@ class Simulation:
             max_inflight_bytes=cfg.max_inflight_bytes,
             pre_vote=self.profile.pre_vote,
             check_quorum=self.profile.check_quorum,
+            bugs=self._bugs,
         )
 
     def _start(self, node: SimNode) -> None:
@@ -632,10 +634,9 @@ class Simulation:
         start = time.process_time()
         failure: str | None = None
         try:
-            with faults.planted(cfg.bug):
-                for _ in range(cfg.ticks + cfg.liveness_ticks):
-                    self.step_tick()
-                self._check_liveness()
+            for _ in range(cfg.ticks + cfg.liveness_ticks):
+                self.step_tick()
+            self._check_liveness()
             self._check_end()
         except InvariantViolation as e:
             failure = f"invariant violated at tick {self.now}: {e}"
