@@ -23,11 +23,11 @@ class Bug(enum.Enum):
     READ_INDEX_NO_CONFIRM = "a leader answers ReadIndex at once, without a heartbeat round"
     READ_BEFORE_TERM_COMMIT = "a new leader serves ReadIndex before an entry of its term commits"
     # -- membership ------------------------------------------------------------------------------
-    CAMPAIGN_WITH_UNAPPLIED_CONF = "a node campaigns with committed, unapplied conf changes"
+    CONF_CHANGE_WHILE_PENDING = "a leader accepts a conf change before applying the previous one"
     # -- follower commit -------------------------------------------------------------------------
-    FOLLOWER_COMMIT_PAST_APPEND = "a follower commits past the entries the APPEND verified"
+    HEARTBEAT_COMMIT_UNCAPPED = "a heartbeat carries the full commit index, not capped at match"
     # -- time ------------------------------------------------------------------------------------
-    TRANSFER_NEVER_ABANDONED = "a leadership transfer is never abandoned after election timeout"
+    SNAPSHOT_NEVER_RETRIED = "a snapshot unanswered for an election timeout is never sent again"
 
 
 def parse_bug(name: str) -> Bug:

@@ -170,13 +170,11 @@ class RaftLog:
         log_term: int,
         committed: int,
         entries: tuple[Entry, ...],
-        *,
-        commit_unverified: bool = False,
     ) -> int | None:
         """Follower side of AppendEntries: None if (index, log_term) does not match our log.
 
         The commit index may only rise to the last entry this APPEND verified: anything beyond
-        may be a stale tail from an older term (``commit_unverified`` plants that bug).
+        may be a stale tail from an older term.
         """
         if not self.match_term(index, log_term):
             return None
@@ -186,7 +184,7 @@ class RaftLog:
             if conflict <= self.committed:
                 raise LogInvariantError(f"conflict at {conflict} <= committed {self.committed}")
             self.append(entries[conflict - index - 1 :])
-        self.commit_to(min(committed, self.last_index() if commit_unverified else last_new))
+        self.commit_to(min(committed, last_new))
         return last_new
 
     def append(self, entries: tuple[Entry, ...] | list[Entry]) -> int:
