@@ -101,7 +101,7 @@ def test_cli_runs_and_replays(capsys: pytest.CaptureFixture[str]) -> None:
 def test_simulation_exercises_the_interesting_paths() -> None:
     """Guard against a simulator that silently stops injecting what the invariants need."""
     totals: dict[str, int] = {}
-    for seed in range(1, 7):
+    for seed in range(1, 9):
         sim = Simulation(SimConfig(seed=seed, nodes=3, ticks=800))
         result = sim.run()
         assert result.ok, result.report()
@@ -113,6 +113,11 @@ def test_simulation_exercises_the_interesting_paths() -> None:
             ("conf", s.conf_changes),
             ("unknown", s.ops_unknown),
             ("elections", s.elections),
+            ("fsync failures", s.fsync_failures),
+            ("torn crashes", s.torn_crashes),
+            ("lost unsynced", s.lost_unsynced),
+            ("pauses", s.pauses),
+            ("apply lag", s.max_apply_lag),
         ):
             totals[name] = totals.get(name, 0) + value
     assert all(v > 0 for v in totals.values()), totals
