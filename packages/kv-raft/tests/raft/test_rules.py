@@ -41,7 +41,13 @@ def test_read_state_carries_the_commit_index_of_the_request() -> None:
     at_request = leader.committed
     assert leader.log.term(at_request) == leader.term
     leader.read_index(b"r")
-    leader.propose(b"later")  # commits during the read's heartbeat round
+    leader.propose(b"later")
+    c.process_ready(1)
+    # The new entry commits before the read's heartbeat round completes.
+    sent = list(c.queue)
+    c.queue.clear()
+    c.queue.extend(m for m in sent if m.type != MessageType.HEARTBEAT)
+    c.queue.extend(m for m in sent if m.type == MessageType.HEARTBEAT)
     c.stabilize()
     [rs] = c.read_states[1]
     assert (rs.request_id, rs.index) == (b"r", at_request)
