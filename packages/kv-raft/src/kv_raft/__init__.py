@@ -15,12 +15,14 @@ in this order:
 1. Persist ``rd.snapshot`` (if any), then append ``rd.entries`` (replacing any conflicting suffix),
    then write ``rd.hard_state`` (if not None) -- durably (fsync) when ``rd.must_sync``. Nothing in
    ``rd.messages`` may leave the node before this: a vote or an append acknowledgement promises
-   that the state is on disk.
+   that the state is on disk. If an fsync fails, stop the process (as etcd does): what reached
+   the disk is unknown, and going on could break a promise already made.
 2. Send ``rd.messages`` (in any order; the network may drop or reorder them anyway).
 3. Install ``rd.snapshot`` into the state machine, then apply ``rd.committed_entries`` in order.
    Entries of type CONF_CHANGE carry a ``ConfChange`` that the core itself applies in step 4.
    Serve each ``rd.read_states`` entry once the applied index reaches its ``index``.
-4. Call ``node.advance(rd)``.
+4. Call ``node.advance(rd)``. With ``Config.async_apply`` the runtime may apply the committed
+   entries later instead (in order) and report each batch with ``node.applied_to(index)``.
 
 What the runtime persisted is exactly what survives a crash; a restarted node is rebuilt from its
 ``Storage`` (and ``Config.applied`` if the state machine survived too).

@@ -70,8 +70,10 @@ class RaftLog:
         self.storage = storage
         self.unstable = Unstable(storage.last_index() + 1)
         first = storage.first_index()
-        # Everything up to the snapshot is committed and applied by definition.
+        # Everything up to the snapshot is committed and applied by definition. ``applying`` is
+        # how far committed entries have been handed to the runtime, which may apply them later.
         self.committed = first - 1
+        self.applying = first - 1
         self.applied = first - 1
 
     # -- reading --------------------------------------------------------------------------------
@@ -137,11 +139,11 @@ class RaftLog:
         return self.unstable.entries
 
     def next_committed_entries(self) -> list[Entry]:
-        lo = max(self.applied + 1, self.first_index())
+        lo = max(self.applying + 1, self.first_index())
         return self.slice(lo, self.committed + 1)
 
     def has_next_committed_entries(self) -> bool:
-        return self.committed > max(self.applied, self.first_index() - 1)
+        return self.committed > max(self.applying, self.first_index() - 1)
 
     # -- changing -------------------------------------------------------------------------------
     def find_conflict(self, entries: tuple[Entry, ...] | list[Entry]) -> int:
@@ -163,9 +165,17 @@ class RaftLog:
         return 0, 0
 
     def maybe_append(
-        self, index: int, log_term: int, committed: int, entries: tuple[Entry, ...]
+        self,
+        index: int,
+        log_term: int,
+        committed: int,
+        entries: tuple[Entry, ...],
     ) -> int | None:
-        """Follower side of AppendEntries: None if (index, log_term) does not match our log."""
+        """Follower side of AppendEntries: None if (index, log_term) does not match our log.
+
+        The commit index may only rise to the last entry this APPEND verified: anything beyond
+        may be a stale tail from an older term.
+        """
         if not self.match_term(index, log_term):
             return None
         last_new = index + len(entries)
@@ -197,10 +207,16 @@ class RaftLog:
             return True
         return False
 
+    def applying_to(self, index: int) -> None:
+        if index > self.applying:
+            if index > self.committed:
+                raise LogInvariantError(f"applying {index} beyond committed {self.committed}")
+            self.applying = index
+
     def applied_to(self, index: int) -> None:
         if index > self.applied:
-            if index > self.committed:
-                raise LogInvariantError(f"applied {index} beyond committed {self.committed}")
+            if index > self.applying:
+                raise LogInvariantError(f"applied {index} beyond handed out {self.applying}")
             self.applied = index
 
     def stable_to(self, index: int, term: int) -> None:

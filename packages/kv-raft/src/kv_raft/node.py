@@ -1,791 +1,153 @@
-"""The Raft state machine: every state-transition rule of the core lives in this file.
+"""``RawNode``: the Ready/advance bookkeeping around the protocol rules in ``kv_raft.raft``.
 
-``RawNode`` is driven only through its methods (``tick``, ``step``, ``propose`` ...) and answers
-only through ``ready()``. It reads durable state through ``Storage`` and never writes it. Rules
-follow the Raft paper and thesis; where they leave a choice, the choice made by etcd's raft is taken
-(PreVote, CheckQuorum with leader lease on votes, fast back-off by term, progress states).
+The rules change state and queue messages; this layer remembers what the runtime has already
+been told (the last soft and hard state), gathers everything new into one ``Ready``, says whether
+it must be fsynced, and on ``advance`` marks what the runtime persisted and applied. Keeping the
+two apart is what lets the rules read like the paper, as etcd's ``raft`` and ``RawNode`` do.
 """
 
 from __future__ import annotations
 
-from kv_raft import faults
+from kv_raft.faults import Bug
 from kv_raft.log import RaftLog
-from kv_raft.progress import Progress, ProgressState
-from kv_raft.quorum import VoteResult, committed_index, has_quorum, vote_result
-from kv_raft.storage import CompactedError, Storage
-from kv_raft.types import (
-    CAMPAIGN_TRANSFER,
-    NO_NODE,
-    ConfChange,
-    ConfChangeType,
-    Config,
-    ConfState,
-    Entry,
-    EntryType,
-    HardState,
-    Message,
-    MessageType,
-    ReadState,
-    Ready,
-    Role,
-    Snapshot,
-    SoftState,
-    entry_size,
-)
+from kv_raft.progress import Progress
+from kv_raft.raft import NotLeader, ProposalDropped, Raft
+from kv_raft.storage import Storage
+from kv_raft.types import ConfChange, Config, ConfState, Message, Ready, Role
 
-
-class ProposalDropped(Exception):
-    """The proposal was not appended; it had no effect and may be retried."""
-
-
-class NotLeader(ProposalDropped):
-    """Sent to a non-leader; ``leader`` is who this node believes leads (NO_NODE if unknown)."""
-
-    def __init__(self, leader: int) -> None:
-        super().__init__(f"not the leader; leader is {leader or 'unknown'}")
-        self.leader = leader
+__all__ = ["NotLeader", "ProposalDropped", "RawNode"]
 
 
 class RawNode:
     def __init__(self, config: Config, storage: Storage) -> None:
-        config.validate()
-        self.id = config.id
-        self._cfg = config
-        self._rng = config.rng
-        self.log = RaftLog(storage)
-        hard_state, conf_state = storage.initial_state()
-        self.term = hard_state.term
-        self.vote = hard_state.vote
-        self.log.commit_to(hard_state.commit)
-        self.voters: set[int] = set(conf_state.voters)
-        self.learners: set[int] = set(conf_state.learners)
-        if config.applied > self.log.applied:
-            applied = min(config.applied, self.log.committed)
-            # The stored ConfState is as of the snapshot; replay the configuration changes that
-            # the application applied after it, before the restart.
-            start = max(storage.snapshot().meta.index, self.log.applied) + 1
-            for entry in self.log.slice(start, applied + 1):
-                if entry.type == EntryType.CONF_CHANGE:
-                    self._change_membership(ConfChange.decode(entry.data))
-            self.log.applied_to(applied)
+        self.raft = Raft(config, storage)
+        self._async_apply = config.async_apply
+        self._bug_vote_without_sync = Bug.VOTE_WITHOUT_SYNC in config.bugs
+        self._prev_soft = self.raft.soft_state()
+        self._prev_hard = storage.initial_state()[0]
 
-        self.role = Role.FOLLOWER
-        self.lead = NO_NODE
-        self.prs: dict[int, Progress] = {}
-        self.votes: dict[int, bool] = {}
-        self.msgs: list[Message] = []
-        self.read_states: list[ReadState] = []
-        self._reads_before_commit: list[bytes] = []
-        self._read_queue: list[bytes] = []
-        self._read_acks: dict[bytes, tuple[int, set[int]]] = {}
-        self.lead_transferee = NO_NODE
-        self.pending_conf_index = 0
-        self.election_elapsed = 0
-        self.heartbeat_elapsed = 0
-        self.randomized_election_timeout = config.election_tick
-        self._become_follower(self.term, NO_NODE)
-        self._prev_soft = SoftState(NO_NODE, Role.FOLLOWER)
-        self._prev_hard = hard_state
+    # -- what the runtime and tests may look at -------------------------------------------------
+    @property
+    def id(self) -> int:
+        return self.raft.id
 
-    # ------------------------------------------------------------------------------------------
-    # Introspection
+    @property
+    def term(self) -> int:
+        return self.raft.term
+
+    @property
+    def vote(self) -> int:
+        return self.raft.vote
+
+    @property
+    def role(self) -> Role:
+        return self.raft.role
+
     @property
     def leader(self) -> int:
-        return self.lead
+        return self.raft.lead
+
+    @property
+    def log(self) -> RaftLog:
+        return self.raft.log
 
     @property
     def committed(self) -> int:
-        return self.log.committed
+        return self.raft.log.committed
 
     @property
     def applied(self) -> int:
-        return self.log.applied
+        return self.raft.log.applied
+
+    @property
+    def voters(self) -> set[int]:
+        return self.raft.trk.voters
+
+    @property
+    def learners(self) -> set[int]:
+        return self.raft.trk.learners
 
     @property
     def conf_state(self) -> ConfState:
-        return ConfState(frozenset(self.voters), frozenset(self.learners))
+        return self.raft.trk.conf_state
+
+    @property
+    def prs(self) -> dict[int, Progress]:
+        return self.raft.trk.progress
 
     @property
     def promotable(self) -> bool:
-        return self.id in self.voters
+        return self.raft.promotable
 
-    # ------------------------------------------------------------------------------------------
-    # Role changes
-    def _reset(self, term: int) -> None:
-        if term != self.term:
-            self.term = term
-            self.vote = NO_NODE
-        self.lead = NO_NODE
-        self.election_elapsed = 0
-        self.heartbeat_elapsed = 0
-        tick = self._cfg.election_tick
-        self.randomized_election_timeout = tick + self._rng.randrange(tick)
-        self.lead_transferee = NO_NODE
-        self.votes = {}
-        self._reads_before_commit = []
-        self._read_queue = []
-        self._read_acks = {}
-        last = self.log.last_index()
-        self.prs = {}
-        for node in self.voters | self.learners:
-            pr = Progress(
-                last + 1,
-                self._cfg.max_inflight_msgs,
-                self._cfg.max_inflight_bytes,
-                is_learner=node in self.learners,
-            )
-            if node == self.id:
-                pr.match = last
-            self.prs[node] = pr
+    @property
+    def election_elapsed(self) -> int:
+        return self.raft.election_elapsed
 
-    def _become_follower(self, term: int, lead: int) -> None:
-        self._reset(term)
-        self.lead = lead
-        self.role = Role.FOLLOWER
-
-    def _become_pre_candidate(self) -> None:
-        # Term and vote stay untouched: a pre-election must not disturb anyone if it fails.
-        self.role = Role.PRE_CANDIDATE
-        self.votes = {}
-        self.lead = NO_NODE
-
-    def _become_candidate(self) -> None:
-        self._reset(self.term + 1)
-        self.vote = self.id
-        self.role = Role.CANDIDATE
-
-    def _become_leader(self) -> None:
-        self._reset(self.term)
-        self.lead = self.id
-        self.role = Role.LEADER
-        own = self.prs.get(self.id)
-        if own is not None:
-            own.become_replicate()
-        # Earlier configuration changes in the log must be applied before a new one is proposed.
-        self.pending_conf_index = self.log.last_index()
-        # An entry of our own term lets us commit (and so serve reads) without §5.4.2's trap.
-        self._append_entry(EntryType.NORMAL, b"")
-
-    # ------------------------------------------------------------------------------------------
-    # Time
+    # -- input ----------------------------------------------------------------------------------
     def tick(self) -> None:
-        if self.role == Role.LEADER:
-            self._tick_heartbeat()
-        else:
-            self.election_elapsed += 1
-            if self.promotable and self.election_elapsed >= self.randomized_election_timeout:
-                self.election_elapsed = 0
-                self._hup(transfer=False)
-
-    def _tick_heartbeat(self) -> None:
-        self.heartbeat_elapsed += 1
-        self.election_elapsed += 1
-        if self.election_elapsed >= self._cfg.election_tick:
-            self.election_elapsed = 0
-            if self._cfg.check_quorum and not self._quorum_recently_active():
-                self._become_follower(self.term, NO_NODE)
-                return
-            self.lead_transferee = NO_NODE
-        for node, pr in self.prs.items():
-            if pr.state == ProgressState.SNAPSHOT and node != self.id:
-                pr.snapshot_elapsed += 1
-                if pr.snapshot_elapsed > self._cfg.election_tick:
-                    # The snapshot (or its answer) was lost: start again from probing.
-                    pr.become_probe()
-        if self.heartbeat_elapsed >= self._cfg.heartbeat_tick:
-            self.heartbeat_elapsed = 0
-            self._bcast_heartbeat()
-
-    def _quorum_recently_active(self) -> bool:
-        active = {self.id}
-        for node, pr in self.prs.items():
-            if node != self.id:
-                if pr.recent_active:
-                    active.add(node)
-                pr.recent_active = False
-        return has_quorum(self.voters, active)
-
-    # ------------------------------------------------------------------------------------------
-    # Elections
-    def _has_unapplied_conf_changes(self) -> bool:
-        if self.log.committed <= self.log.applied:
-            return False
-        lo = max(self.log.applied + 1, self.log.first_index())
-        return any(
-            e.type == EntryType.CONF_CHANGE for e in self.log.slice(lo, self.log.committed + 1)
-        )
-
-    def _hup(self, *, transfer: bool) -> None:
-        if self.role == Role.LEADER or not self.promotable:
-            return
-        # Counting votes with a configuration older than a committed one could elect two leaders.
-        if self._has_unapplied_conf_changes():
-            return
-        self._campaign(pre=self._cfg.pre_vote and not transfer, transfer=transfer)
-
-    def _campaign(self, *, pre: bool, transfer: bool = False) -> None:
-        if pre:
-            self._become_pre_candidate()
-            vote_type = MessageType.PRE_VOTE
-            term = self.term + 1
-        else:
-            self._become_candidate()
-            vote_type = MessageType.VOTE
-            term = self.term
-        self.votes[self.id] = True
-        if vote_result(self.voters, self.votes) == VoteResult.WON:
-            if pre:
-                self._campaign(pre=False, transfer=transfer)
-            else:
-                self._become_leader()
-            return
-        last_index = self.log.last_index()
-        last_term = self.log.last_term()
-        context = CAMPAIGN_TRANSFER if transfer else b""
-        for voter in sorted(self.voters):
-            if voter != self.id:
-                self._send(
-                    Message(
-                        vote_type,
-                        to=voter,
-                        frm=self.id,
-                        term=term,
-                        index=last_index,
-                        log_term=last_term,
-                        context=context,
-                    )
-                )
-
-    def _handle_vote_request(self, m: Message) -> None:
-        pre = m.type == MessageType.PRE_VOTE
-        resp_type = MessageType.PRE_VOTE_RESP if pre else MessageType.VOTE_RESP
-        can_vote = (
-            self.vote == m.frm
-            or (self.vote == NO_NODE and self.lead == NO_NODE)
-            or (pre and m.term > self.term)
-        )
-        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
-            # A pre-vote grant echoes the candidate's future term so it is not dropped as stale.
-            self._send(Message(resp_type, to=m.frm, frm=self.id, term=m.term))
-            if not pre:
-                self.election_elapsed = 0
-                self.vote = m.frm
-        else:
-            self._send(Message(resp_type, to=m.frm, frm=self.id, term=self.term, reject=True))
-
-    def _handle_vote_response(self, m: Message) -> None:
-        if m.frm not in self.votes:
-            self.votes[m.frm] = not m.reject
-        result = vote_result(self.voters, self.votes)
-        if result == VoteResult.WON:
-            if self.role == Role.PRE_CANDIDATE:
-                self._campaign(pre=False, transfer=False)
-            else:
-                self._become_leader()
-                self._bcast_append()
-        elif result == VoteResult.LOST:
-            self._become_follower(self.term, NO_NODE)
-
-    # ------------------------------------------------------------------------------------------
-    # Messages
-    def _send(self, m: Message) -> None:
-        self.msgs.append(m)
+        self.raft.tick()
 
     def step(self, m: Message) -> None:
         """Feed one message received from a peer."""
-        if m.to != self.id:
-            return
-        if m.term > self.term:
-            if m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
-                force = m.context == CAMPAIGN_TRANSFER
-                in_lease = (
-                    self._cfg.check_quorum
-                    and self.lead != NO_NODE
-                    and self.election_elapsed < self._cfg.election_tick
-                )
-                if in_lease and not force:
-                    # We heard from a live leader recently: a disruptive candidate must wait.
-                    return
-            if m.type == MessageType.PRE_VOTE or (
-                m.type == MessageType.PRE_VOTE_RESP and not m.reject
-            ):
-                pass  # pre-votes never change the term
-            elif m.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
-                self._become_follower(m.term, m.frm)
-            else:
-                self._become_follower(m.term, NO_NODE)
-        elif m.term < self.term:
-            if m.type in (MessageType.APPEND, MessageType.HEARTBEAT) and (
-                self._cfg.check_quorum or self._cfg.pre_vote
-            ):
-                # A leader cut off by a partition learns our term and steps down; without this a
-                # node that bumped its term could never rejoin (pre-vote keeps terms from rising).
-                self._send(Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term))
-                return
-            if m.type == MessageType.PRE_VOTE:
-                self._send(
-                    Message(
-                        MessageType.PRE_VOTE_RESP,
-                        to=m.frm,
-                        frm=self.id,
-                        term=self.term,
-                        reject=True,
-                    )
-                )
-                return
-            if not (faults.COUNT_STALE_VOTES and m.type == MessageType.VOTE_RESP):
-                return
+        self.raft.step(m)
 
-        if m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
-            self._handle_vote_request(m)
-        elif self.role == Role.LEADER:
-            self._step_leader(m)
-        elif self.role == Role.FOLLOWER:
-            self._step_follower(m)
-        else:
-            self._step_candidate(m)
-
-    def _step_follower(self, m: Message) -> None:
-        t = m.type
-        if t == MessageType.APPEND:
-            self.election_elapsed = 0
-            self.lead = m.frm
-            self._handle_append(m)
-        elif t == MessageType.HEARTBEAT:
-            self.election_elapsed = 0
-            self.lead = m.frm
-            self._handle_heartbeat(m)
-        elif t == MessageType.SNAPSHOT:
-            self.election_elapsed = 0
-            self.lead = m.frm
-            self._handle_snapshot(m)
-        elif t == MessageType.TIMEOUT_NOW:
-            self._hup(transfer=True)
-
-    def _step_candidate(self, m: Message) -> None:
-        t = m.type
-        if t in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
-            self._become_follower(m.term, m.frm)
-            self._step_follower(m)
-        elif (t == MessageType.PRE_VOTE_RESP and self.role == Role.PRE_CANDIDATE) or (
-            t == MessageType.VOTE_RESP and self.role == Role.CANDIDATE
-        ):
-            self._handle_vote_response(m)
-
-    def _step_leader(self, m: Message) -> None:
-        pr = self.prs.get(m.frm)
-        if pr is None:
-            return
-        if m.type == MessageType.APPEND_RESP:
-            self._handle_append_response(m, pr)
-        elif m.type == MessageType.HEARTBEAT_RESP:
-            self._handle_heartbeat_response(m, pr)
-
-    # ------------------------------------------------------------------------------------------
-    # Follower side of replication
-    def _handle_append(self, m: Message) -> None:
-        if m.index < self.log.committed:
-            self._send(
-                Message(
-                    MessageType.APPEND_RESP,
-                    to=m.frm,
-                    frm=self.id,
-                    term=self.term,
-                    index=self.log.committed,
-                )
-            )
-            return
-        if faults.SKIP_LOG_MATCH_CHECK:
-            last_new = self._append_unchecked(m)
-        else:
-            last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
-        if last_new is not None:
-            self._send(
-                Message(
-                    MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=last_new
-                )
-            )
-            return
-        hint, hint_term = self.log.find_conflict_by_term(
-            min(m.index, self.log.last_index()), m.log_term
-        )
-        self._send(
-            Message(
-                MessageType.APPEND_RESP,
-                to=m.frm,
-                frm=self.id,
-                term=self.term,
-                index=m.index,
-                reject=True,
-                reject_hint=hint,
-                log_term=hint_term,
-            )
-        )
-
-    def _append_unchecked(self, m: Message) -> int | None:
-        if m.index > self.log.last_index():
-            return None
-        conflict = self.log.find_conflict(m.entries)
-        if conflict and conflict > self.log.committed:
-            self.log.append(m.entries[conflict - m.index - 1 :])
-        last_new = m.index + len(m.entries)
-        self.log.commit_to(min(m.commit, last_new, self.log.last_index()))
-        return last_new
-
-    def _handle_heartbeat(self, m: Message) -> None:
-        self.log.commit_to(m.commit)
-        self._send(
-            Message(
-                MessageType.HEARTBEAT_RESP,
-                to=m.frm,
-                frm=self.id,
-                term=self.term,
-                context=m.context,
-            )
-        )
-
-    def _handle_snapshot(self, m: Message) -> None:
-        snapshot = m.snapshot
-        index = self.log.committed
-        if snapshot is not None and self._restore(snapshot):
-            index = self.log.last_index()
-        self._send(
-            Message(MessageType.APPEND_RESP, to=m.frm, frm=self.id, term=self.term, index=index)
-        )
-
-    def _restore(self, snapshot: Snapshot) -> bool:
-        meta = snapshot.meta
-        if meta.index <= self.log.committed:
-            return False
-        if self.log.match_term(meta.index, meta.term):
-            # We already hold the snapshot's last entry: just learn that it is committed.
-            self.log.commit_to(meta.index)
-            return False
-        self.log.restore(snapshot)
-        self.voters = set(meta.conf_state.voters)
-        self.learners = set(meta.conf_state.learners)
-        return True
-
-    # ------------------------------------------------------------------------------------------
-    # Leader side of replication
-    def _append_entry(self, kind: EntryType, data: bytes) -> int:
-        entry = Entry(term=self.term, index=self.log.last_index() + 1, type=kind, data=data)
-        self.log.append([entry])
-        own = self.prs.get(self.id)
-        if own is not None:
-            own.maybe_update(entry.index)
-        self._maybe_commit()
-        self._bcast_append()
-        return entry.index
-
-    def _maybe_commit(self) -> bool:
-        match = {node: pr.match for node, pr in self.prs.items()}
-        index = committed_index(self.voters, match)
-        if not self.log.maybe_commit(index, self.term, any_term=faults.COMMIT_PREVIOUS_TERM):
-            return False
-        if self._reads_before_commit and self.log.term(self.log.committed) == self.term:
-            waiting, self._reads_before_commit = self._reads_before_commit, []
-            for request_id in waiting:
-                self._start_read(request_id)
-        return True
-
-    def _bcast_append(self) -> None:
-        for node in self.prs:
-            if node != self.id:
-                self._send_append(node)
-
-    def _send_append(self, to: int, *, send_if_empty: bool = True) -> bool:
-        pr = self.prs[to]
-        if pr.is_paused():
-            return False
-        if pr.next > self.log.last_index() + 1:
-            pr.next = self.log.last_index() + 1
-        prev_index = pr.next - 1
-        prev_term = self.log.term(prev_index)
-        entries: list[Entry] | None = None
-        if prev_term is not None:
-            try:
-                entries = self.log.entries_from(pr.next, self._cfg.max_size_per_msg)
-            except CompactedError:
-                entries = None
-        if prev_term is None or entries is None:
-            if not pr.recent_active:
-                return False
-            snapshot = self.log.storage.snapshot()
-            pr.become_snapshot(snapshot.meta.index)
-            self._send(
-                Message(MessageType.SNAPSHOT, to=to, frm=self.id, term=self.term, snapshot=snapshot)
-            )
-            return True
-        if not entries and not send_if_empty:
-            return False
-        self._send(
-            Message(
-                MessageType.APPEND,
-                to=to,
-                frm=self.id,
-                term=self.term,
-                index=prev_index,
-                log_term=prev_term,
-                entries=tuple(entries),
-                commit=self.log.committed,
-            )
-        )
-        if pr.state == ProgressState.REPLICATE:
-            if entries:
-                last = entries[-1].index
-                pr.next = last + 1
-                pr.inflights.add(last, sum(entry_size(e) for e in entries))
-        elif pr.state == ProgressState.PROBE:
-            pr.probe_sent = True
-        return True
-
-    def _handle_append_response(self, m: Message, pr: Progress) -> None:
-        pr.recent_active = True
-        if m.reject:
-            next_probe = m.reject_hint
-            if m.log_term > 0:
-                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
-            if pr.maybe_decr_to(m.index, next_probe):
-                if pr.state == ProgressState.REPLICATE:
-                    pr.become_probe()
-                self._send_append(m.frm)
-            return
-        old_paused = pr.is_paused()
-        if not pr.maybe_update(m.index):
-            return
-        if pr.state == ProgressState.PROBE:
-            pr.become_replicate()
-        elif pr.state == ProgressState.SNAPSHOT and pr.match + 1 >= self.log.first_index():
-            pr.become_probe()
-            pr.become_replicate()
-        elif pr.state == ProgressState.REPLICATE:
-            pr.inflights.free_le(m.index)
-        if self._maybe_commit():
-            self._bcast_append()
-        elif old_paused:
-            self._send_append(m.frm)
-        while self._send_append(m.frm, send_if_empty=False):
-            pass
-        if m.frm == self.lead_transferee and pr.match == self.log.last_index():
-            self._send(Message(MessageType.TIMEOUT_NOW, to=m.frm, frm=self.id, term=self.term))
-
-    def _handle_heartbeat_response(self, m: Message, pr: Progress) -> None:
-        pr.recent_active = True
-        pr.probe_sent = False
-        if pr.state == ProgressState.REPLICATE and pr.inflights.full():
-            # Every APPEND in the window may be lost; let one more through to find out.
-            pr.inflights.free_first_one()
-        if pr.match < self.log.last_index():
-            self._send_append(m.frm)
-        if m.context:
-            self._ack_read(m.context, m.frm)
-
-    def _bcast_heartbeat(self) -> None:
-        context = self._read_queue[-1] if self._read_queue else b""
-        self._bcast_heartbeat_with(context)
-
-    def _bcast_heartbeat_with(self, context: bytes) -> None:
-        for node, pr in self.prs.items():
-            if node != self.id:
-                self._send(
-                    Message(
-                        MessageType.HEARTBEAT,
-                        to=node,
-                        frm=self.id,
-                        term=self.term,
-                        commit=min(pr.match, self.log.committed),
-                        context=context,
-                    )
-                )
-
-    # ------------------------------------------------------------------------------------------
-    # Linearizable reads (ReadIndex, Raft thesis §6.4)
-    def _start_read(self, request_id: bytes) -> None:
-        if self.voters == {self.id}:
-            self.read_states.append(ReadState(self.log.committed, request_id))
-            return
-        if request_id in self._read_acks:
-            return
-        self._read_acks[request_id] = (self.log.committed, {self.id})
-        self._read_queue.append(request_id)
-        self._bcast_heartbeat_with(request_id)
-
-    def _ack_read(self, request_id: bytes, frm: int) -> None:
-        pending = self._read_acks.get(request_id)
-        if pending is None:
-            return
-        pending[1].add(frm)
-        if not has_quorum(self.voters, pending[1]):
-            return
-        # Confirming a later request confirms every earlier one too.
-        position = self._read_queue.index(request_id)
-        confirmed = self._read_queue[: position + 1]
-        del self._read_queue[: position + 1]
-        for rid in confirmed:
-            index, _ = self._read_acks.pop(rid)
-            self.read_states.append(ReadState(index, rid))
-
-    # ------------------------------------------------------------------------------------------
-    # Membership
-    def _change_membership(self, cc: ConfChange) -> None:
-        node = cc.node_id
-        if cc.type == ConfChangeType.ADD_NODE:
-            self.learners.discard(node)
-            self.voters.add(node)
-        elif cc.type == ConfChangeType.ADD_LEARNER:
-            if node not in self.voters:
-                self.learners.add(node)
-        else:
-            self.voters.discard(node)
-            self.learners.discard(node)
-
-    def _apply_conf_change(self, cc: ConfChange) -> None:
-        self._change_membership(cc)
-        if self.role != Role.LEADER:
-            return
-        node = cc.node_id
-        if node in self.voters or node in self.learners:
-            pr = self.prs.get(node)
-            if pr is None:
-                pr = Progress(
-                    self.log.last_index() + 1,
-                    self._cfg.max_inflight_msgs,
-                    self._cfg.max_inflight_bytes,
-                )
-                self.prs[node] = pr
-            pr.is_learner = node in self.learners
-        else:
-            self.prs.pop(node, None)
-            if node == self.lead_transferee:
-                self.lead_transferee = NO_NODE
-        if self._maybe_commit():
-            self._bcast_append()
-        elif node in self.prs and node != self.id:
-            self._send_append(node)
-        if self.id not in self.voters:
-            # Removed (or demoted) leader: tell followers what is committed, then step aside.
-            self._bcast_append()
-            self._become_follower(self.term, NO_NODE)
-
-    # ------------------------------------------------------------------------------------------
-    # Public API
     def propose(self, data: bytes) -> int:
         """Append ``data`` to the log; returns its index. Raises NotLeader on a non-leader."""
-        self._check_can_propose()
-        return self._append_entry(EntryType.NORMAL, data)
+        return self.raft.propose(data)
 
     def propose_conf_change(self, cc: ConfChange) -> int:
         """Propose one membership change; at most one may be in flight at a time."""
-        self._check_can_propose()
-        if self.pending_conf_index > self.log.applied:
-            raise ProposalDropped("an earlier configuration change is not applied yet")
-        node = cc.node_id
-        if cc.type == ConfChangeType.ADD_NODE:
-            if node in self.voters:
-                raise ProposalDropped(f"node {node} is already a voter")
-            pr = self.prs.get(node)
-            if node not in self.learners or pr is None:
-                raise ProposalDropped(f"node {node} must join as a learner first")
-            if pr.match < self.log.committed:
-                raise ProposalDropped(f"learner {node} has not caught up")
-        elif cc.type == ConfChangeType.ADD_LEARNER:
-            if node in self.voters or node in self.learners:
-                raise ProposalDropped(f"node {node} is already a member")
-        elif node not in self.voters and node not in self.learners:
-            raise ProposalDropped(f"node {node} is not a member")
-        elif self.voters == {node}:
-            raise ProposalDropped("cannot remove the last voter")
-        index = self._append_entry(EntryType.CONF_CHANGE, cc.encode())
-        self.pending_conf_index = index
-        return index
-
-    def _check_can_propose(self) -> None:
-        if self.role != Role.LEADER:
-            raise NotLeader(self.lead)
-        if self.lead_transferee != NO_NODE:
-            raise ProposalDropped(f"leadership is being transferred to {self.lead_transferee}")
+        return self.raft.propose_conf_change(cc)
 
     def read_index(self, request_id: bytes) -> None:
         """Ask for a linearizable read; a ReadState with ``request_id`` appears in a later Ready.
 
         If leadership is lost first, no ReadState ever appears: callers time out and retry.
         """
-        if self.role != Role.LEADER:
-            raise NotLeader(self.lead)
-        if not request_id:
-            raise ValueError("request_id must not be empty")
-        if faults.READ_INDEX_NO_CONFIRM:
-            self.read_states.append(ReadState(self.log.committed, request_id))
-            return
-        if self.log.term(self.log.committed) != self.term:
-            # Our commit index may lag the true one until an entry of our term commits.
-            self._reads_before_commit.append(request_id)
-            return
-        self._start_read(request_id)
+        self.raft.read_index(request_id)
 
     def transfer_leadership(self, to: int) -> None:
         """Hand leadership to voter ``to`` once it has caught up (within one election timeout)."""
-        if self.role != Role.LEADER:
-            raise NotLeader(self.lead)
-        if to == self.id or to not in self.voters:
-            raise ValueError(f"cannot transfer leadership to {to}")
-        if self.lead_transferee == to:
-            return
-        self.lead_transferee = to
-        self.election_elapsed = 0
-        if self.prs[to].match == self.log.last_index():
-            self._send(Message(MessageType.TIMEOUT_NOW, to=to, frm=self.id, term=self.term))
-        else:
-            self._send_append(to)
+        self.raft.transfer_leadership(to)
 
     def campaign(self) -> None:
         """Start an election now (tests and bootstrapping); a no-op on leaders and learners."""
-        self._hup(transfer=False)
+        self.raft.campaign()
 
     def report_unreachable(self, node: int) -> None:
         """The runtime failed to send to ``node``: stop pipelining to it and probe instead."""
-        pr = self.prs.get(node)
-        if self.role == Role.LEADER and pr is not None and pr.state == ProgressState.REPLICATE:
-            pr.become_probe()
+        self.raft.report_unreachable(node)
 
-    # ------------------------------------------------------------------------------------------
-    # Ready / advance
-    def _hard_state(self) -> HardState:
-        vote = NO_NODE if faults.FORGET_VOTE_PERSIST else self.vote
-        return HardState(self.term, vote, self.log.committed)
-
+    # -- Ready / advance ------------------------------------------------------------------------
     def has_ready(self) -> bool:
-        if self.msgs or self.read_states or self.log.unstable.entries:
+        raft = self.raft
+        log = raft.log
+        if raft.msgs or raft.read_states or log.unstable.entries:
             return True
-        if self.log.unstable.snapshot is not None or self.log.has_next_committed_entries():
+        if log.unstable.snapshot is not None or log.has_next_committed_entries():
             return True
         prev_soft = self._prev_soft
-        if prev_soft.leader != self.lead or prev_soft.role != self.role:
+        if prev_soft.leader != raft.lead or prev_soft.role != raft.role:
             return True
-        prev = self._prev_hard
-        return (
-            prev.term != self.term
-            or prev.commit != self.log.committed
-            or (prev.vote != self.vote and not faults.FORGET_VOTE_PERSIST)
-        )
+        return raft.hard_state() != self._prev_hard
 
     def ready(self) -> Ready:
         """Everything the runtime must do now. Call ``advance`` with it before calling again."""
-        soft = SoftState(self.lead, self.role)
-        hard = self._hard_state()
+        raft = self.raft
+        log = raft.log
+        soft = raft.soft_state()
+        hard = raft.hard_state()
         prev_hard = self._prev_hard
-        entries = tuple(self.log.unstable_entries())
-        snapshot = self.log.pending_snapshot()
-        committed = (
-            tuple(self.log.next_committed_entries())
-            if self.log.has_next_committed_entries()
-            else ()
-        )
-        messages = tuple(self.msgs)
-        self.msgs = []
-        read_states = tuple(self.read_states)
-        self.read_states = []
+        entries = tuple(log.unstable_entries())
+        snapshot = log.pending_snapshot()
+        committed = tuple(log.next_committed_entries()) if log.has_next_committed_entries() else ()
+        messages = tuple(raft.msgs)
+        raft.msgs = []
+        read_states = tuple(raft.read_states)
+        raft.read_states = []
+        # A vote or a new term is a promise made to others: it must survive a crash before any
+        # message that depends on it leaves. A new commit index alone may be lost and relearned.
+        vote_changed = hard.term != prev_hard.term or hard.vote != prev_hard.vote
         return Ready(
             soft_state=soft if soft != self._prev_soft else None,
             hard_state=hard if hard != prev_hard else None,
@@ -796,24 +158,35 @@ class RawNode:
             read_states=read_states,
             must_sync=bool(entries)
             or snapshot is not None
-            or hard.term != prev_hard.term
-            or hard.vote != prev_hard.vote,
+            or (vote_changed and not self._bug_vote_without_sync),
         )
 
     def advance(self, rd: Ready) -> None:
-        """The runtime persisted, sent and applied ``rd``; configuration changes take effect now."""
+        """The runtime persisted and sent ``rd``, and installed its snapshot.
+
+        Unless ``Config.async_apply``, it also applied ``rd.committed_entries``, and their
+        configuration changes take effect now; otherwise they do at ``applied_to``.
+        """
         if rd.soft_state is not None:
             self._prev_soft = rd.soft_state
         if rd.hard_state is not None:
             self._prev_hard = rd.hard_state
+        log = self.raft.log
         if rd.entries:
             last = rd.entries[-1]
-            self.log.stable_to(last.index, last.term)
+            log.stable_to(last.index, last.term)
         if rd.snapshot is not None:
-            self.log.stable_snap_to(rd.snapshot.meta.index)
-            self.log.applied_to(rd.snapshot.meta.index)
-        for entry in rd.committed_entries:
-            if entry.type == EntryType.CONF_CHANGE:
-                self._apply_conf_change(ConfChange.decode(entry.data))
+            log.stable_snap_to(rd.snapshot.meta.index)
+            log.applying_to(rd.snapshot.meta.index)
+            log.applied_to(rd.snapshot.meta.index)
         if rd.committed_entries:
-            self.log.applied_to(rd.committed_entries[-1].index)
+            log.applying_to(rd.committed_entries[-1].index)
+            if not self._async_apply:
+                self.raft.applied_to(rd.committed_entries[-1].index)
+
+    def applied_to(self, index: int) -> None:
+        """With ``Config.async_apply``: the state machine has applied everything up to ``index``.
+
+        Configuration changes among those entries take effect now.
+        """
+        self.raft.applied_to(index)

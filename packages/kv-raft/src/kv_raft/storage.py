@@ -105,6 +105,14 @@ class MemoryStorage:
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
+    def copy(self) -> MemoryStorage:
+        """An independent copy (entries are immutable, so sharing them is safe)."""
+        other = MemoryStorage()
+        other._hard_state = self._hard_state
+        other._snapshot = self._snapshot
+        other._ents = list(self._ents)
+        return other
+
     # -- write side, used by the runtime --------------------------------------------------------
     def set_hard_state(self, hard_state: HardState) -> None:
         self._hard_state = hard_state

@@ -10,6 +10,8 @@ import enum
 import random
 from dataclasses import dataclass, field
 
+from kv_raft.faults import Bug
+
 NO_NODE = 0
 """Node ids are positive; 0 means "nobody" (no vote cast, no known leader)."""
 
@@ -211,6 +213,11 @@ class Config:
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     pre_vote: bool = True
     check_quorum: bool = True
+    async_apply: bool = False
+    """When True, ``advance`` only hands committed entries out; the runtime applies them later
+    and reports with ``RawNode.applied_to`` (configuration changes take effect then)."""
+    bugs: frozenset[Bug] = frozenset()
+    """Planted bugs (tests only); see ``kv_raft.faults``."""
 
     def validate(self) -> None:
         if self.id <= NO_NODE:

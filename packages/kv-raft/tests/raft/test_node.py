@@ -21,6 +21,8 @@ from kv_raft.types import (
     Message,
     MessageType,
     Role,
+    Snapshot,
+    SnapshotMeta,
 )
 
 
@@ -327,3 +329,40 @@ def test_progress_enters_replicate_after_first_ack() -> None:
     leader = c.elect(1)
     c.tick(1)
     assert leader.prs[2].state == ProgressState.REPLICATE
+
+
+def test_snapshot_reply_carries_the_commit_index_after_the_restore() -> None:
+    """A follower that already holds the snapshot's last entry answers with the snapshot index,
+    so the leader leaves SNAPSHOT state at once instead of waiting for the snapshot timeout."""
+    storage = MemoryStorage(ConfState(voters=frozenset({1, 2, 3})))
+    storage.append([Entry(term=1, index=2), Entry(term=1, index=3)])
+    storage.set_hard_state(HardState(term=1, vote=0, commit=1))
+    node = RawNode(Config(id=2, rng=random.Random(1)), storage)
+    snapshot = Snapshot(SnapshotMeta(index=3, term=1, conf_state=node.conf_state))
+    node.step(Message(MessageType.SNAPSHOT, to=2, frm=1, term=1, snapshot=snapshot))
+    [reply] = node.ready().messages
+    assert (reply.type, reply.index, reply.reject) == (MessageType.APPEND_RESP, 3, False)
+
+
+def test_leader_leaves_snapshot_state_on_the_reply() -> None:
+    c = LockstepCluster(3)
+    leader = c.elect(1)
+    c.isolate(3)
+    for i in range(10):
+        leader.propose(f"s{i}".encode())
+    c.stabilize()
+    c.storages[1].create_snapshot(leader.applied, leader.conf_state, b"state")
+    c.storages[1].compact(leader.applied)
+    c.heal()
+    c.tick(2)
+    assert leader.prs[3].state == ProgressState.REPLICATE
+    assert leader.prs[3].match == leader.log.last_index()
+
+
+def test_applied_beyond_the_durable_commit_is_refused() -> None:
+    storage = MemoryStorage(ConfState(voters=frozenset({1, 2, 3})))
+    storage.append([Entry(term=1, index=2), Entry(term=1, index=3)])
+    storage.set_hard_state(HardState(term=1, vote=0, commit=2))
+    with pytest.raises(ValueError, match="beyond the durable commit index 2"):
+        RawNode(Config(id=1, rng=random.Random(1), applied=3), storage)
+    assert RawNode(Config(id=1, rng=random.Random(1), applied=2), storage).applied == 2

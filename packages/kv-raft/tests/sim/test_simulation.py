@@ -31,6 +31,7 @@ def test_command_round_trip_and_cas() -> None:
 
 def test_network_partitions_are_directional() -> None:
     net = Network(random.Random(0))
+    net.faults.delay_prob = net.faults.lan_delay = 0  # every message arrives at once
     net.isolate([{1}, {2, 3}], one_way=True)
     for frm, to in ((1, 2), (2, 1), (3, 1)):
         net.send(Message(MessageType.HEARTBEAT, to=to, frm=frm, term=1), now=0)
@@ -45,7 +46,7 @@ def test_checker_catches_two_leaders_in_one_term() -> None:
     checker = SafetyChecker()
     checker.on_leader(c.elect(1))
     impostor: RawNode = c.nodes[2]
-    impostor.term = c.nodes[1].term
+    impostor.raft.term = c.nodes[1].term
     with pytest.raises(InvariantViolation, match="election safety"):
         checker.on_leader(impostor)
 
@@ -100,7 +101,7 @@ def test_cli_runs_and_replays(capsys: pytest.CaptureFixture[str]) -> None:
 def test_simulation_exercises_the_interesting_paths() -> None:
     """Guard against a simulator that silently stops injecting what the invariants need."""
     totals: dict[str, int] = {}
-    for seed in range(1, 7):
+    for seed in range(1, 9):
         sim = Simulation(SimConfig(seed=seed, nodes=3, ticks=800))
         result = sim.run()
         assert result.ok, result.report()
@@ -112,6 +113,11 @@ def test_simulation_exercises_the_interesting_paths() -> None:
             ("conf", s.conf_changes),
             ("unknown", s.ops_unknown),
             ("elections", s.elections),
+            ("fsync failures", s.fsync_failures),
+            ("torn crashes", s.torn_crashes),
+            ("lost unsynced", s.lost_unsynced),
+            ("pauses", s.pauses),
+            ("apply lag", s.max_apply_lag),
         ):
             totals[name] = totals.get(name, 0) + value
     assert all(v > 0 for v in totals.values()), totals

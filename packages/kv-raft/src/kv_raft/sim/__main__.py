@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 
-from kv_raft.faults import NAMES as FAULT_NAMES
+from kv_raft.faults import Bug
 from kv_raft.sim.simulation import RunResult, SimConfig, run_seed
 
-# A soak is the CI run scaled up: same seeds first, then many more, and longer runs.
-SOAK_SEEDS = 5000
+# A soak is the CI run scaled up: the same seeds first, then many more (per cluster size).
+SOAK_SEEDS = 10_000
+# Long runs print a progress line this often, so one stopped early still says how far it got.
+PROGRESS_EVERY = 200
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -30,8 +32,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ticks", type=int, default=SimConfig.ticks, help="ticks with faults")
     p.add_argument("--liveness-ticks", type=int, default=SimConfig.liveness_ticks)
     p.add_argument("--soak", action="store_true", help=f"{SOAK_SEEDS} seeds unless --seeds given")
-    p.add_argument("--bug", choices=FAULT_NAMES, help="plant a known bug (test-only)")
+    p.add_argument("--bug", choices=[b.name for b in Bug], help="plant a known bug (test-only)")
     p.add_argument("--storm", action="store_true", help="stormy fault profile on every seed")
+    p.add_argument("--skew", type=float, help="pin every node's clock skew bound (e.g. 0.4)")
+    p.add_argument(
+        "--pre-vote", action=argparse.BooleanOptionalAction, default=None, help="pin PreVote"
+    )
+    p.add_argument("--operator", type=float, help="pin the operator's rate of changes per tick")
     p.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (seeds are independent)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -55,9 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             liveness_ticks=args.liveness_ticks,
             bug=args.bug,
             storm=args.storm,
+            skew=args.skew,
+            pre_vote=args.pre_vote,
+            operator=args.operator,
         )
-        for nodes in sizes
         for seed in seeds
+        for nodes in sizes
     ]
     results: list[RunResult] = []
     failures = 0
@@ -67,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(result)
             if args.verbose or not result.ok or len(configs) == 1:
                 print(_line(result), flush=True)
+            if len(configs) > PROGRESS_EVERY and len(results) % PROGRESS_EVERY == 0:
+                _progress(results, len(configs), time.perf_counter() - wall)
             if not result.ok:
                 failures += 1
                 if not args.keep_going:
@@ -83,7 +95,19 @@ def _line(result: RunResult) -> str:
         f"{result.report()}  [nodes={result.config.nodes} ticks={s.ticks} "
         f"committed={s.committed} msgs={s.messages} terms={s.elections} crashes={s.crashes} "
         f"partitions={s.partitions} snapshots={s.snapshots_sent} conf={s.conf_changes} "
-        f"ok_ops={s.ops_ok} unknown_ops={s.ops_unknown} cpu={s.cpu_seconds:.2f}s]"
+        f"ok_ops={s.ops_ok} unknown_ops={s.ops_unknown} fsync_failures={s.fsync_failures} "
+        f"torn={s.torn_crashes} lost_unsynced={s.lost_unsynced} pauses={s.pauses} "
+        f"max_apply_lag={s.max_apply_lag} cpu={s.cpu_seconds:.2f}s]"
+    )
+
+
+def _progress(results: list[RunResult], total: int, wall: float) -> None:
+    failed = sum(1 for r in results if not r.ok)
+    last = results[-1].config.seed
+    print(
+        f"progress: {len(results)}/{total} runs (through seed {last}), {failed} failed, "
+        f"wall {wall:.0f}s",
+        flush=True,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kv_raft.node import RawNode
 from kv_raft.storage import StorageError
-from kv_raft.types import Entry, EntryType
+from kv_raft.types import NO_NODE, Entry, EntryType, HardState
 
 
 class InvariantViolation(AssertionError):
@@ -31,6 +31,10 @@ class SafetyChecker:
         self._last_commit: dict[int, int] = {}
         self._durable_commit: dict[int, int] = {}
         self.acked: dict[int, tuple[int, bytes]] = {}
+        # term -> highest index its leader committed.
+        self._commit_by_term: dict[int, int] = {}
+        # (node, term) -> the vote it sent out for that term.
+        self._votes: dict[tuple[int, int], int] = {}
 
     # -- election safety and leader completeness ----------------------------------------------
     def on_leader(self, node: RawNode) -> None:
@@ -44,8 +48,11 @@ class SafetyChecker:
             raise InvariantViolation(
                 "election safety", f"nodes {other} and {node.id} both lead term {term}"
             )
+        # Only what was committed in an earlier term must be there: a leader elected late (after a
+        # pause, say) of an older term need not hold what a newer term committed meanwhile.
+        bound = max((c for t, c in self._commit_by_term.items() if t < term), default=0)
         log = node.log
-        for index in range(log.first_index(), self.max_applied + 1):
+        for index in range(log.first_index(), min(bound, self.max_applied) + 1):
             term_there = log.term(index)
             expected = self.applied.get(index)
             if expected is not None and term_there != expected[0]:
@@ -69,6 +76,8 @@ class SafetyChecker:
         majority of votes and win without the entry, and the commit was premature.
         """
         commit = leader.committed
+        if commit > self._commit_by_term.get(leader.term, 0):
+            self._commit_by_term[leader.term] = commit
         term = leader.log.term(commit)
         if term is None:
             return
@@ -150,9 +159,58 @@ class SafetyChecker:
             )
         self._durable_commit[node_id] = commit
 
-    def on_restart(self, node_id: int) -> None:
+    def on_restart(self, node_id: int, hard_state: HardState) -> None:
         # In memory, a restarted node starts again from its durable commit index.
-        self._last_commit[node_id] = self._durable_commit.get(node_id, 0)
+        self.on_durable_commit(node_id, hard_state.commit)
+        self._last_commit[node_id] = hard_state.commit
+        self._check_vote(node_id, hard_state, "restarted with")
+
+    # -- one vote per term, across restarts -------------------------------------------------
+    def on_hard_state_sent(self, node_id: int, hard_state: HardState) -> None:
+        """The messages of a Ready carrying ``hard_state`` are leaving: its vote is cast."""
+        if hard_state.vote != NO_NODE:
+            self._check_vote(node_id, hard_state, "sent")
+            self._votes.setdefault((node_id, hard_state.term), hard_state.vote)
+
+    def _check_vote(self, node_id: int, hard_state: HardState, how: str) -> None:
+        cast = self._votes.get((node_id, hard_state.term))
+        if cast is not None and hard_state.vote not in (cast, NO_NODE):
+            raise InvariantViolation(
+                "one vote per term",
+                f"node {node_id} {how} a vote for {hard_state.vote} in term {hard_state.term} "
+                f"after voting for {cast}",
+            )
+
+    # -- PreVote never raises a term ---------------------------------------------------------
+    def on_pre_vote(self, node_id: int, what: str, term_before: int, term_after: int) -> None:
+        if term_after != term_before:
+            raise InvariantViolation(
+                "pre-vote keeps terms",
+                f"node {node_id}: {what} moved its term from {term_before} to {term_after}",
+            )
+
+    # -- a follower commits only what its leader verified in its log -------------------------
+    def on_follower_commit(self, follower: RawNode, leader: RawNode) -> None:
+        """``follower`` just raised its commit index on a message from ``leader`` (same term).
+
+        Every entry up to the follower's commit index must be the leader's: the follower may
+        commit only a prefix that an APPEND of this leader matched (or a snapshot covered).
+        """
+        commit = follower.committed
+        if commit > leader.log.last_index():
+            raise InvariantViolation(
+                "follower commit",
+                f"node {follower.id} committed {commit}, beyond leader {leader.id}'s last index "
+                f"{leader.log.last_index()}",
+            )
+        mine = follower.log.term(commit)
+        theirs = leader.log.term(commit)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise InvariantViolation(
+                "follower commit",
+                f"node {follower.id} committed index {commit} holding term {mine}, but leader "
+                f"{leader.id} of term {leader.term} has term {theirs} there",
+            )
 
     # -- acknowledged writes -------------------------------------------------------------------
     def check_acked_writes_kept(self, node: RawNode) -> None:

@@ -18,7 +18,9 @@ from kv_raft.types import Message
 class NetworkFaults:
     drop: float = 0.0
     duplicate: float = 0.0
-    # Most messages arrive within the tick (delay 0); some take a few ticks; a few are very late.
+    # Delays are in the caller's time unit (the simulator's sub-ticks). Most messages arrive within
+    # ``lan_delay``; some take up to ``max_delay``; a few are very late.
+    lan_delay: int = 1
     delay_prob: float = 0.1
     max_delay: int = 3
     late_prob: float = 0.0
@@ -42,7 +44,7 @@ class Network:
             return self._rng.randint(f.max_delay, max(f.max_delay, f.max_late))
         if r < f.late_prob + f.delay_prob:
             return self._rng.randint(1, f.max_delay)
-        return 0
+        return self._rng.randint(0, f.lan_delay)
 
     def send(self, msg: Message, now: int) -> None:
         self.sent += 1
