@@ -121,3 +121,15 @@ def test_simulation_exercises_the_interesting_paths() -> None:
         ):
             totals[name] = totals.get(name, 0) + value
     assert all(v > 0 for v in totals.values()), totals
+
+
+def test_cli_exits_1_on_a_failing_seed_and_prints_its_replay(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The exit code is how `nox -s sim` (and CI) learns that a seed failed."""
+    argv = ["--seed", "1", "--nodes", "3", "--storm", "--ticks", "400"]
+    assert main([*argv, "--bug", "SKIP_LOG_MATCH_CHECK"]) == 1
+    out = capsys.readouterr().out
+    assert "seed 1: FAILED: invariant violated" in out
+    assert "replay: PYTHONPATH=packages/kv-raft/src python -m kv_raft.sim --seed 1 --nodes 3" in out
+    assert main(argv) == 0  # the same run without the planted bug passes
