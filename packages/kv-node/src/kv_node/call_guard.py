@@ -2,6 +2,11 @@
 
 - The request is decoded here, not by gRPC: bytes that do not parse are the caller's
   fault and get INVALID_ARGUMENT (reason INVALID_REQUEST), never UNKNOWN with internals.
+- The request is read as a client stream of (at most) one message, though every method is
+  unary: grpc.aio's unary path never answers a call whose client ends the stream before the
+  message is complete, and keeps its state forever (about 7 KiB a call, so a hostile
+  client could fill the node's memory). On the stream path such a call ends with no
+  message, and is refused as INVALID_REQUEST. On the wire the two are the same call.
 - Admission control: at most ``--max-in-flight`` kv.v1 calls are worked on at once;
   beyond it a call is refused at once with RESOURCE_EXHAUSTED, reason OVERLOADED and a
   retry hint, before it costs anything. Health checks and reflection are never refused,
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -48,6 +53,13 @@ async def abort(context: Context, refusal: Refusal) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+async def _first_message(requests: AsyncIterator[bytes]) -> bytes | None:
+    """The call's request message; None when the client ended the stream without one."""
+    async for message in requests:
+        return message
+    return None
+
+
 class CallGuard(grpc.aio.ServerInterceptor):
     def __init__(self, node: Node) -> None:
         self._node = node
@@ -66,7 +78,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+        wrapped = self._wrapped[method] = grpc.stream_unary_rpc_method_handler(
             self._behaviour(method, handler),
             request_deserializer=None,
             response_serializer=handler.response_serializer,
@@ -75,7 +87,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def _behaviour(
         self, method: str, handler: Handler
-    ) -> Callable[[bytes, Context], Awaitable[Any]]:
+    ) -> Callable[[AsyncIterator[bytes], Context], Awaitable[Any]]:
         node = self._node
         metrics = node.metrics
         inner = handler.unary_unary
@@ -85,7 +97,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         request_type = method.rsplit("/", 1)[0].lstrip("/")
         bound = node.config.max_in_flight
 
-        async def behaviour(raw: bytes, context: Context) -> Any:
+        async def behaviour(requests: AsyncIterator[bytes], context: Context) -> Any:
             start = time.perf_counter()
             admitted = False
             finished = False
@@ -103,6 +115,15 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 finished = True
 
             try:
+                raw = await _first_message(requests)
+                if raw is None:
+                    raise Refused(
+                        Refusal(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request to {name} ended before its message was complete",
+                            Reason.INVALID_REQUEST,
+                        )
+                    )
                 try:
                     request = decode(raw) if decode is not None else raw
                 except Exception:
