@@ -27,6 +27,7 @@ from harness import Cluster
 from kv.v1 import cluster_pb2, kv_pb2
 from kv_common.cluster_map import ClusterMap, Limits
 from kv_common.wire import ERROR_DOMAIN, ErrorInfo, decode_status_details
+from kv_tools.launcher import cluster_spec
 
 CALL_TIMEOUT = 10.0
 """Generous: the suite shares two cores with other work; a hostile test never waits on speed."""
@@ -157,8 +158,23 @@ def _allows(option: Value, got: Value) -> bool:
 class Target:
     """Real nodes on lmdb, a raw channel to each, and the ledger of what they acknowledged."""
 
-    def __init__(self, root: Path, ids: Sequence[str], extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ids: Sequence[str],
+        extra: Sequence[str] = (),
+        stand_ins: dict[str, str] | None = None,
+    ) -> None:
+        """``stand_ins`` maps members that are not started to the address of a stand-in
+        server (a ``HungOwner``, say) that the started nodes forward to."""
         self.cluster = Cluster(root, list(ids), extra=list(extra))
+        if stand_ins:
+            nodes = self.cluster.nodes
+            spec = cluster_spec({i: stand_ins.get(i) or n.address for i, n in nodes.items()})
+            for node in nodes.values():
+                node.cluster = spec
+            for node_id in stand_ins:
+                del nodes[node_id]
         self.ledger = Ledger()
         self._channels: dict[str, grpc.Channel] = {}
         self._limits: Limits | None = None
@@ -203,12 +219,13 @@ class Target:
         timeout: float = CALL_TIMEOUT,
         metadata: tuple[tuple[str, str | bytes], ...] | None = None,
         compression: grpc.Compression | None = None,
+        channel: grpc.Channel | None = None,
     ) -> bytes:
-        """Send ``request`` and record what the node acknowledged; a refusal is raised."""
+        """Send ``request`` (on ``channel`` if given) and record what the node acknowledged;
+        a refusal is raised."""
+        call = channel.unary_unary(method(name)) if channel else self.raw(name, node_id)
         try:
-            reply = self.raw(name, node_id)(
-                request, timeout=timeout, metadata=metadata, compression=compression
-            )
+            reply = call(request, timeout=timeout, metadata=metadata, compression=compression)
         except grpc.RpcError as error:
             if isinstance(error, grpc.Call) and error.code() in UNKNOWN_OUTCOME:
                 self._record(name, request, None)
@@ -321,14 +338,21 @@ class Target:
 
 @contextmanager
 def hostile_target(
-    root: Path, ids: Sequence[str] = ("n1",), extra: Sequence[str] = ()
+    root: Path,
+    ids: Sequence[str] = ("n1",),
+    extra: Sequence[str] = (),
+    stand_ins: dict[str, str] | None = None,
 ) -> Iterator[Target]:
-    """A started target with a few writes already acknowledged, stopped however it ends."""
-    target = Target(root, ids, extra)
+    """A started target with a few writes to its first node acknowledged, stopped however
+    it ends."""
+    target = Target(root, ids, extra, stand_ins)
     try:
         target.start()
-        for i in range(SEED_WRITES):
-            target.put(b"seed/%d" % i, b"seed-value-%d" % i)
+        cluster_map = target.cluster_map()
+        seeds = (b"seed/%d" % i for i in range(SEED_WRITES * len(ids) * 10))
+        mine = [k for k in seeds if cluster_map.owner_of(k)[0] == target.first]
+        for key in mine[:SEED_WRITES]:
+            target.put(key, b"seed-value-" + key)
         yield target
     finally:
         target.stop()
