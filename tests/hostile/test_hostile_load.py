@@ -112,7 +112,9 @@ def test_a_burst_far_beyond_the_admission_bound(
 
 
 LARGE_BURST = 40
-LARGE_ROUNDS = 3
+LARGE_ROUNDS = 4
+LARGE_KEPT_BURSTS = 3
+SETTLING_CALLS = 200
 LARGE_KEY_BYTES = 4000
 LARGE_OPS = 1000
 """Batches of a thousand 4,000-byte keys: about 4 MB each, just under the default limit."""
@@ -121,10 +123,13 @@ LARGE_OPS = 1000
 def test_bursts_of_large_requests_leave_memory_bounded(target: Target) -> None:
     """Bursts of the largest batches a node accepts, far beyond its bound.
 
-    The node keeps some of the memory a burst used (gRPC's buffers and the allocator hold
-    on to it: measured, 60-150 MiB after one burst of 40 such requests, not growing over
-    a dozen bursts), so the bound is one burst's bytes: a node that kept even a third of
-    every request over the bursts here would exceed it.
+    The node keeps much of the memory a burst used (refusals leave reference cycles that
+    reach the request until the garbage collector runs, and the allocator keeps freed
+    memory: measured, 50-150 MiB after bursts of 40 such requests and some ordinary
+    traffic, swinging from burst to burst but not growing over a dozen), so the bound is
+    three bursts' bytes: a node that kept every request of the four bursts here would
+    exceed it, one that returns to its level before them, give or take what it keeps,
+    stays under it.
     """
     before = rss_anon_kib(target.pid())
     keys = [b"%d-" % i + b"k" * LARGE_KEY_BYTES for i in range(LARGE_OPS)]
@@ -141,9 +146,12 @@ def test_bursts_of_large_requests_leave_memory_bounded(target: Target) -> None:
                 assert isinstance(error, grpc.RpcError)
                 info = error_info(error)
                 assert info is not None and info.reason == Reason.OVERLOADED, error
-    assert target.healthy()
+    # Ordinary traffic afterwards lets gRPC finish with the burst's buffers.
+    for _ in range(SETTLING_CALLS):
+        assert target.healthy()
     grown = rss_anon_kib(target.pid()) - before
-    assert grown < LARGE_BURST * len(request) // KIB, f"the node kept {grown} KiB"
+    kept_at_most = LARGE_KEPT_BURSTS * LARGE_BURST * len(request) // KIB
+    assert grown < kept_at_most, f"the node kept {grown} KiB"
 
 
 IDLE_EACH = 100

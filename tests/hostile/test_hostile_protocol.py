@@ -273,16 +273,21 @@ def test_oversized_metadata_is_refused_by_grpc(
 RAW_TIMEOUT = 10.0
 
 
-def raw_call(target: Target, message: bytes, *, end_stream: bool = True) -> raw_http2.Connection:
-    """A Put on a fresh raw connection: its headers, then ``message`` as one DATA frame."""
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+
+def raw_call(target: Target, message: bytes, path: str = method("Put")) -> raw_http2.Connection:
+    """A call on a fresh raw connection: its headers, then ``message`` as one DATA frame
+    that ends the stream."""
     connection = raw_http2.Connection(target.address(), timeout=RAW_TIMEOUT)
     connection.start()
-    headers = raw_http2.grpc_request_headers(target.address(), method("Put"))
+    headers = raw_http2.grpc_request_headers(target.address(), path)
     connection.send(
         raw_http2.frame(
             raw_http2.HEADERS, raw_http2.END_HEADERS, 1, raw_http2.header_block(headers)
         )
-        + raw_http2.frame(raw_http2.DATA, raw_http2.END_STREAM if end_stream else 0, 1, message)
+        + raw_http2.frame(raw_http2.DATA, raw_http2.END_STREAM, 1, message)
     )
     return connection
 
@@ -292,20 +297,32 @@ def raw_call(target: Target, message: bytes, *, end_stream: bool = True) -> raw_
     [
         pytest.param(2**32 - 1, grpc.StatusCode.RESOURCE_EXHAUSTED, id="4 GiB"),
         pytest.param(64 * 1024 * KIB, grpc.StatusCode.RESOURCE_EXHAUSTED, id="64 MiB"),
-        pytest.param(1000, grpc.StatusCode.INVALID_ARGUMENT, id="1000 bytes, stream ended"),
     ],
 )
-def test_a_grpc_length_prefix_that_lies_is_answered(
+def test_a_grpc_length_prefix_over_the_ceiling_is_refused_at_once(
     target: Target, declared: int, status: grpc.StatusCode
 ) -> None:
-    """A message prefix announcing more than arrives: over the ceiling it is refused at once,
-    and a stream the client ends before the message is complete is answered, not abandoned."""
     connection = raw_call(target, raw_http2.grpc_message(b"abc", declared_length=declared))
     try:
         trailers = connection.wait_stream_end(1, timeout=RAW_TIMEOUT)
     finally:
         connection.close()
     assert trailers.get(b"grpc-status") == str(status.value[0]).encode(), trailers
+
+
+@pytest.mark.parametrize(
+    "path", [*(method(name) for name in ALL_METHODS), HEALTH_CHECK, HEALTH_WATCH]
+)
+def test_a_message_cut_short_is_answered(target: Target, path: str) -> None:
+    """The client ends the stream before the message its prefix announced is complete: the
+    call is refused as malformed, not abandoned without a status."""
+    connection = raw_call(target, raw_http2.grpc_message(b"abc", declared_length=1000), path)
+    try:
+        trailers = connection.wait_stream_end(1, timeout=RAW_TIMEOUT)
+    finally:
+        connection.close()
+    invalid = str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
+    assert trailers.get(b"grpc-status") == invalid, trailers
 
 
 TRUNCATED_STREAMS = 2500
@@ -316,10 +333,11 @@ node's heap swings by up to ~32 MiB between rounds (gRPC's buffers, the allocato
 the margin is twice that and still half of what the leak kept."""
 
 
-def test_calls_cut_short_leave_no_memory_behind(target: Target) -> None:
+@pytest.mark.parametrize("path", [method("Put"), HEALTH_WATCH])
+def test_calls_cut_short_leave_no_memory_behind(target: Target, path: str) -> None:
     """Many streams per connection, each a message cut short; then the connection closes."""
     before = rss_anon_kib(target.pid())
-    block = raw_http2.header_block(raw_http2.grpc_request_headers(target.address(), method("Put")))
+    block = raw_http2.header_block(raw_http2.grpc_request_headers(target.address(), path))
     cut_short = raw_http2.grpc_message(b"abc", declared_length=1000)
     for _ in range(TRUNCATED_ROUNDS):
         connection = raw_http2.Connection(target.address(), timeout=RAW_TIMEOUT)
