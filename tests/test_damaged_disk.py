@@ -23,7 +23,7 @@ from harness import Cluster, NodeProcess, run_node_command
 from kv_client import Client
 from kv_node.data_dir import IDENTITY_FILE, open_store
 from kv_node.store import PutOp
-from kv_tools.local_cluster import free_port
+from kv_tools.launcher import free_port
 
 NODE_ID = "n1"
 KEYS_WRITTEN = 300
