@@ -13,7 +13,9 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from hostile.target import CALL_TIMEOUT, Target, error_info, hostile_target, is_kv_refusal
+from hostile.target import CALL_TIMEOUT, Target, Value, error_info, hostile_target, is_kv_refusal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kv.v1 import kv_pb2
 from kv_common.cluster_map import ClusterMap
@@ -380,6 +382,79 @@ def test_calls_cancelled_in_flight(target: Target, cluster_map: ClusterMap, owne
     outcomes = [target.settle(name, request, future) for name, request, future in started]
     assert any(o is None for o in outcomes), "nothing was cancelled: the test proves nothing"
     target.put(key_of(cluster_map, owner, "after-cancel-"), b"still serving", node_id=ENTRY)
+
+
+FUZZ_KEYS = [b"fuzz/%d" % i for i in range(4)]
+BAD_KEYS = [b"", b"k" * (MAX_KEY_BYTES + 1)]
+REASONS = {str(reason) for reason in Reason}
+
+
+@st.composite
+def fuzz_operation(draw: st.DrawFn) -> kv_pb2.Operation:
+    """Any operation a client can express: a few shared keys (owned by both nodes), bad
+    keys, values around the limit, and conditions that may or may not hold."""
+    # Repeats weight the choices: mostly valid keys and operations, so that writes and reads
+    # of one key meet in a batch often; versions near the keys' current ones.
+    key = draw(st.sampled_from(FUZZ_KEYS * 4 + BAD_KEYS))
+    version = draw(st.sampled_from([None, None, None, 0, 1, 2, 3, 5, 8, 13, 21, U64_MAX]))
+    kind = draw(st.sampled_from(["put", "put", "get", "get", "delete", "none"]))
+    if kind == "put":
+        size = draw(st.sampled_from([0, 1, MAX_VALUE, MAX_VALUE + 1]))
+        return kv_pb2.Operation(put=put(key, b"p" * size, version))
+    if kind == "delete":
+        return kv_pb2.Operation(delete=kv_pb2.DeleteRequest(key=key, if_version=version))
+    if kind == "get":
+        return kv_pb2.Operation(get=kv_pb2.GetRequest(key=key))
+    return kv_pb2.Operation()
+
+
+@settings(
+    max_examples=60,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(operations=st.lists(fuzz_operation(), min_size=1, max_size=MAX_OPS))
+def test_random_batches_across_both_nodes(
+    target: Target, cluster_map: ClusterMap, operations: list[kv_pb2.Operation]
+) -> None:
+    """Whatever a batch holds, each operation gets its own result and every refusal a
+    reason the README lists; and each result agrees with a model of the keys that starts
+    from what the ledger knows and applies the batch's operations in order."""
+    assert {cluster_map.owner_of(key)[0] for key in FUZZ_KEYS} == set(NODES)
+    model: dict[bytes, Value] = {
+        key: target.ledger.known.get(key) for key in FUZZ_KEYS if key not in target.ledger.maybe
+    }
+    request = kv_pb2.BatchRequest(operations=operations).SerializeToString()
+    reply = kv_pb2.BatchResponse.FromString(target.call("Batch", request, node_id=ENTRY))
+    assert len(reply.results) == len(operations)
+    for operation, result in zip(operations, reply.results, strict=True):
+        kind = result.WhichOneof("result")
+        if kind == "error":
+            assert result.error.reason in REASONS, result.error
+            assert result.error.code != grpc.StatusCode.INTERNAL.value[0], result.error
+            continue
+        assert kind is not None and kind == operation.WhichOneof("op")
+        key = getattr(operation, kind).key
+        if key not in model:
+            continue  # an earlier write's outcome is unknown: nothing to compare with
+        current = model[key]
+        current_version = current[1] if current is not None else 0
+        if kind == "get":
+            got = result.get
+            assert ((got.value, got.version) if got.found else None) == current
+        elif kind == "put":
+            if result.put.succeeded:
+                assert result.put.version > current_version
+                model[key] = (operation.put.value, result.put.version)
+            else:
+                assert result.put.version == current_version
+        elif result.delete.succeeded:
+            assert result.delete.found == (current is not None)
+            model[key] = None
+        else:
+            assert result.delete.version == current_version
 
 
 def test_after_every_attack_acknowledged_writes_survive_kill_9(target: Target) -> None:
