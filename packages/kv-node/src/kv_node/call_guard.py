@@ -2,6 +2,12 @@
 
 - The request is decoded here, not by gRPC: bytes that do not parse are the caller's
   fault and get INVALID_ARGUMENT (reason INVALID_REQUEST), never UNKNOWN with internals.
+- The request is read as a client stream of (at most) one message, though every method is
+  unary: grpc.aio's unary path never answers a call whose client ends the stream before the
+  message is complete, and keeps its state forever (about 7 KiB a call, so a hostile
+  client could fill the node's memory). On the stream path such a call ends with no
+  message, and is refused as INVALID_REQUEST. On the wire the two are the same call.
+  Server-streaming methods (Health.Watch) have the same flaw and get the same treatment.
 - Admission control: at most ``--max-in-flight`` kv.v1 calls are worked on at once;
   beyond it a call is refused at once with RESOURCE_EXHAUSTED, reason OVERLOADED and a
   retry hint, before it costs anything. Health checks and reflection are never refused,
@@ -14,9 +20,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -48,6 +55,59 @@ async def abort(context: Context, refusal: Refusal) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+async def _first_message(requests: AsyncIterator[bytes]) -> bytes | None:
+    """The call's request message; None when the client ended the stream without one."""
+    async for message in requests:
+        return message
+    return None
+
+
+def _incomplete(name: str) -> Refusal:
+    return Refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request to {name} ended before its message was complete",
+        Reason.INVALID_REQUEST,
+    )
+
+
+def _undecodable(name: str, service: str) -> Refusal:
+    return Refusal(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request to {name} could not be decoded as its message type (service {service})",
+        Reason.INVALID_REQUEST,
+    )
+
+
+def _streaming_behaviour(
+    method: str, handler: Handler
+) -> Callable[[AsyncIterator[bytes], Context], Awaitable[None]]:
+    """A server-streaming method (Health.Watch) read as a bidi stream, for the same reason
+    as the unary ones; neither admitted nor counted, like every call outside kv.v1."""
+    inner = handler.unary_stream
+    decode = handler.request_deserializer
+    name = method.rsplit("/", 1)[-1]
+    service = method.rsplit("/", 1)[0].lstrip("/")
+
+    async def behaviour(requests: AsyncIterator[bytes], context: Context) -> None:
+        raw = await _first_message(requests)
+        if raw is None:
+            await abort(context, _incomplete(name))
+            return
+        try:
+            request = decode(raw) if decode is not None else raw
+        except Exception:
+            await abort(context, _undecodable(name, service))
+            return
+        responses: Any = inner(request, context)  # type: ignore[arg-type, misc]
+        if inspect.isasyncgen(responses):
+            async for response in responses:
+                await context.write(response)
+        else:
+            await responses
+
+    return behaviour
+
+
 class CallGuard(grpc.aio.ServerInterceptor):
     def __init__(self, node: Node) -> None:
         self._node = node
@@ -64,18 +124,28 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            wrapped = grpc.stream_unary_rpc_method_handler(
+                self._behaviour(method, handler),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None:  # Health.Watch
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                _streaming_behaviour(method, handler),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        else:
             return handler
-        wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-            self._behaviour(method, handler),
-            request_deserializer=None,
-            response_serializer=handler.response_serializer,
-        )
+        self._wrapped[method] = wrapped
         return wrapped
 
     def _behaviour(
         self, method: str, handler: Handler
-    ) -> Callable[[bytes, Context], Awaitable[Any]]:
+    ) -> Callable[[AsyncIterator[bytes], Context], Awaitable[Any]]:
         node = self._node
         metrics = node.metrics
         inner = handler.unary_unary
@@ -85,7 +155,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
         request_type = method.rsplit("/", 1)[0].lstrip("/")
         bound = node.config.max_in_flight
 
-        async def behaviour(raw: bytes, context: Context) -> Any:
+        async def behaviour(requests: AsyncIterator[bytes], context: Context) -> Any:
             start = time.perf_counter()
             admitted = False
             finished = False
@@ -103,17 +173,13 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 finished = True
 
             try:
+                raw = await _first_message(requests)
+                if raw is None:
+                    raise Refused(_incomplete(name))
                 try:
                     request = decode(raw) if decode is not None else raw
                 except Exception:
-                    raise Refused(
-                        Refusal(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"the request to {name} could not be decoded as its message type "
-                            f"(service {request_type})",
-                            Reason.INVALID_REQUEST,
-                        )
-                    ) from None
+                    raise Refused(_undecodable(name, request_type)) from None
                 if counted:
                     if node.draining:
                         raise Refused(
