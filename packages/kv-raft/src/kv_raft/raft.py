@@ -355,10 +355,13 @@ class Raft:
                 pass  # pre-votes never change the term
             elif m.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
                 self._become_follower(m.term, m.frm)
-            elif m.type == MessageType.VOTE and self.role == Role.FOLLOWER:
+            elif (m.type == MessageType.VOTE and self.role == Role.FOLLOWER) or (
+                m.type == MessageType.VOTE_RESP and self.role == Role.CANDIDATE
+            ):
                 # Adopt the term but keep the election timer: only a granted vote resets it
                 # (Raft §5.2). Otherwise a candidate whose log is behind, on a clock faster than
-                # ours, restarts our timer every time and no up-to-date node ever campaigns.
+                # ours, restarts our timer every time and no up-to-date node ever campaigns; and
+                # a candidate told of a newer term would wait a whole timeout to try again.
                 elapsed = self.election_elapsed
                 self._become_follower(m.term, NO_NODE)
                 self.election_elapsed = elapsed
@@ -374,6 +377,12 @@ class Raft:
                 return
             if m.type == MessageType.PRE_VOTE:
                 self._send(MessageType.PRE_VOTE_RESP, m.frm, reject=True)
+                return
+            if m.type == MessageType.VOTE:
+                # Tell a candidate of an older term about ours, as the paper's reply does. etcd
+                # drops it; then a voter that nobody else sends to (the others' configurations
+                # leave it out) can campaign in old terms forever while a stale node outruns it.
+                self._send(MessageType.VOTE_RESP, m.frm, reject=True)
                 return
             if not (self._bug_stale_votes and m.type == MessageType.VOTE_RESP):
                 return

@@ -211,3 +211,19 @@ def test_heartbeat_commit_is_capped_at_what_the_follower_is_known_to_hold() -> N
     assert heartbeats[-1].commit == leader.prs[3].match
     to_2 = [m for m in c.sent if m.type == MessageType.HEARTBEAT and m.to == 2]
     assert to_2[-1].commit == leader.committed
+
+
+def test_a_candidate_of_an_older_term_is_told_the_newer_one() -> None:
+    """Dropping the request, as etcd does, can leave a voter campaigning in old terms forever."""
+    voter = node_with([], HardState(term=5, vote=0, commit=1), pre_vote=False)
+    voter.step(Message(MessageType.VOTE, to=2, frm=1, term=3, index=1, log_term=1))
+    [reply] = voter.ready().messages
+    assert (reply.type, reply.term, reply.reject) == (MessageType.VOTE_RESP, 5, True)
+    storage = MemoryStorage(VOTERS)
+    candidate = RawNode(Config(id=1, rng=random.Random(1), pre_vote=False), storage)
+    candidate.campaign()
+    candidate.tick()
+    elapsed = candidate.election_elapsed
+    candidate.step(Message(MessageType.VOTE_RESP, to=1, frm=2, term=5, reject=True))
+    assert (candidate.term, role_of(candidate)) == (5, Role.FOLLOWER)
+    assert candidate.election_elapsed == elapsed  # tries again after its timeout, not a new one

@@ -62,7 +62,7 @@ CASES = [
     # One of each new kind: durability, read path, membership, follower commit, time.
     case(Bug.VOTE_WITHOUT_SYNC, "one vote per term", 5, 400, storm=True),
     case(Bug.READ_BEFORE_TERM_COMMIT, "stale read", 3, 400, storm=True),
-    case(Bug.CONF_CHANGE_WHILE_PENDING, "liveness", 3, 1200, operator=0.3),
+    case(Bug.CONF_CHANGE_WHILE_PENDING, "state machine safety", 3, 1200, storm=True, operator=0.3),
     case(Bug.HEARTBEAT_COMMIT_UNCAPPED, "follower commit", 5, 400, storm=True),
     case(Bug.SNAPSHOT_NEVER_RETRIED, "liveness", 3, 1200),
 ]
