@@ -96,7 +96,3 @@ def decode_status_details(trailers: Sequence[tuple[str, str | bytes]] | None) ->
             if any_detail.Unpack(detail) and detail.domain == ERROR_DOMAIN:
                 return ErrorInfo(detail.reason, dict(detail.metadata))
     return None
-
-
-STALE_MAP_PREFIX = "stale cluster map"
-"""FAILED_PRECONDITION messages that mean "refresh your map and retry" start with this."""
