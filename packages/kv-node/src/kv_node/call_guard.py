@@ -10,7 +10,7 @@
   Server-streaming methods (Health.Watch) have the same flaw and get the same treatment.
 - Admission control: at most ``--max-in-flight`` kv.v1 calls are worked on at once;
   beyond it a call is refused at once with RESOURCE_EXHAUSTED, reason OVERLOADED and a
-  retry hint, before it costs anything. Health checks and reflection are never refused,
+  retry hint, before its message is read or decoded. Health checks and reflection are never refused,
   so an overloaded node still reports itself alive.
 - A raised ``Refused`` becomes a status whose details carry a ``google.rpc.Status`` with
   the ErrorInfo; any other exception becomes INTERNAL (reason INTERNAL) and is logged.
@@ -173,26 +173,23 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 finished = True
 
             try:
+                # Checked before the message is read, so that a refused call costs neither
+                # its decoding nor (gRPC stops the stream) the rest of its bytes; the slot is
+                # taken only once the message is in, so that streams which never finish
+                # their message cannot fill the bound.
+                self._admissible(counted, bound)
                 raw = await _first_message(requests)
                 if raw is None:
                     raise Refused(_incomplete(name))
+                if counted:
+                    self._admissible(counted, bound)
+                    self.in_flight += 1
+                    admitted = True
                 try:
                     request = decode(raw) if decode is not None else raw
                 except Exception:
                     raise Refused(_undecodable(name, request_type)) from None
-                if counted:
-                    if node.draining:
-                        raise Refused(
-                            Refusal(
-                                grpc.StatusCode.UNAVAILABLE,
-                                f"node {node.config.node_id!r} is shutting down",
-                                Reason.SHUTTING_DOWN,
-                            )
-                        )
-                    if self.in_flight >= bound:
-                        raise Refused(self._overloaded(bound))
-                    self.in_flight += 1
-                    admitted = True
+                del raw
                 response = await inner(request, context)  # type: ignore[arg-type, misc]
                 finish("OK")
                 return response
@@ -230,6 +227,21 @@ class CallGuard(grpc.aio.ServerInterceptor):
             self._node.metrics.refusals.labels(name, refusal.reason).inc()
         finish(refusal.code.name)
         await abort(context, refusal)
+
+    def _admissible(self, counted: bool, bound: int) -> None:
+        """Raise the refusal of a kv.v1 call this node cannot take now."""
+        if not counted:
+            return
+        if self._node.draining:
+            raise Refused(
+                Refusal(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"node {self._node.config.node_id!r} is shutting down",
+                    Reason.SHUTTING_DOWN,
+                )
+            )
+        if self.in_flight >= bound:
+            raise Refused(self._overloaded(bound))
 
     def _overloaded(self, bound: int) -> Refusal:
         return Refusal(
