@@ -399,8 +399,8 @@ class ReplicaStore:
                     self._append(txn, group, memory, write.entries)
                 if write.hard_state is not None:
                     memory.hard_state = write.hard_state
-                if write.committed:
-                    applied = self._apply(txn, group, memory, write.committed)
+                applied = self._apply(txn, group, memory, write.committed)
+                if applied:
                     results.setdefault(group, []).extend(applied)
                 txn.put(_GROUP.pack(group), _pack_state(memory), db=self._groups)
         if sync:
@@ -479,6 +479,16 @@ class ReplicaStore:
         start = entries[0].index
         if start > memory.last + 1:
             raise UnavailableError(start)
+        # Raft never replaces a committed entry; doing so would leave applied data that no log
+        # entry explains and a snapshot index whose term is gone.
+        if start <= memory.applied and (
+            entries[-1].index < memory.applied
+            or any(
+                entry.term != memory.term(entry.index)
+                for entry in entries[: memory.applied - start + 1]
+            )
+        ):
+            raise ValueError(f"entries for group {group} would replace applied entries")
         if start <= memory.last:
             _delete_range(
                 txn, self._log, _LOG_KEY.pack(group, start), _LOG_KEY.pack(group, memory.last + 1)
