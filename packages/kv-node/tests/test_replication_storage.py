@@ -371,6 +371,15 @@ def test_entries_that_would_replace_applied_ones_are_refused(store: ReplicaStore
     assert [store.group(0).term(i) for i in (2, 3, 4)] == [2, 2, 3]
 
 
+def test_entries_whose_term_falls_are_refused(store: ReplicaStore) -> None:
+    """Reopening finds each term's run by bisection, which holds only while terms never fall."""
+    store.commit([GroupWrite(0, entries=[Entry(3, 2)])], sync=True)
+    for entries in ([Entry(2, 3)], [Entry(3, 3), Entry(4, 4), Entry(3, 5)]):
+        with pytest.raises(ValueError, match="term falls"):
+            store.commit([GroupWrite(0, entries=entries)], sync=True)
+    assert store.group(0).last_index() == 2
+
+
 def test_entries_that_leave_a_hole_in_the_log_are_refused(store: ReplicaStore) -> None:
     with pytest.raises(UnavailableError):
         store.commit([GroupWrite(0, entries=[Entry(2, 3)])], sync=True)
@@ -481,17 +490,20 @@ def test_the_log_behaves_like_memory_storage(
             start = rng.randint(max(2, model.first_index() - 3), model.last_index() + 2)
             entries = []
             shortest = max(1, applied - start + 2)  # never ends before the applied index
+            term = model.term(min(max(start, model.first_index()) - 1, model.last_index()))
             for index in range(start, start + rng.randint(shortest, shortest + 4)):
                 if index <= applied and index >= model.first_index():
                     entries.append(model.entries(index, index + 1)[0])  # committed: never changes
+                    term = entries[-1].term
                     continue
+                term += rng.choice([0, 0, 1])  # terms never fall along a log
                 key = bytes([rng.randint(97, 99)])
                 payload = (
                     encode_command([PutOp(key, rng.randbytes(rng.randint(0, 20)))])
                     if rng.random() < 0.7
                     else rng.randbytes(rng.randint(0, 20))
                 )
-                entries.append(Entry(rng.randint(1, 4), index, data=payload))
+                entries.append(Entry(term, index, data=payload))
             try:
                 model.append(entries)
             except UnavailableError:

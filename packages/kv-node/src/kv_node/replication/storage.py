@@ -46,6 +46,7 @@ while a large snapshot is sent.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import struct
 import uuid
@@ -102,6 +103,9 @@ _NODE = struct.Struct(">Q")
 _VERSION = struct.Struct(">Q")
 _RECORD_HEAD = struct.Struct(">IQI")  # key length, version, value length
 _SNAPSHOT_FORMAT = 1
+_CONF_CHANGE = EntryType.CONF_CHANGE
+_TYPE_CODES = {kind: kind.value for kind in EntryType}
+_ENTRY_TYPES = {kind.value: kind for kind in EntryType}
 
 INLINE_KEY_BYTES = LMDB_MAX_KEY_BYTES - _GROUP.size - DIGEST_BYTES
 """Longest user key stored as itself after the group prefix; longer ones are digested."""
@@ -448,21 +452,37 @@ class ReplicaStore:
         return log
 
     def _load(self, txn: lmdb.Transaction, group: int) -> _GroupMemory:
-        raw = cast("bytes | None", txn.get(_GROUP.pack(group), db=self._groups))
+        raw_group = _GROUP.pack(group)
+        raw = cast("bytes | None", txn.get(raw_group, db=self._groups))
         if raw is None:
             return _GroupMemory()
         memory = _unpack_state(raw)
         cursor = txn.cursor(db=self._log)
-        if cursor.set_range(_LOG_KEY.pack(group, memory.offset + 1)):
-            for key, value in cursor:
-                log_group, index = _LOG_KEY.unpack(key)
-                if log_group != group:
-                    break
-                (term,) = _VERSION.unpack_from(value)
-                if not memory.run_terms or memory.run_terms[-1] != term:
-                    memory.run_starts.append(index)
-                    memory.run_terms.append(term)
-                memory.last = index
+        found = cursor.set_range(_LOG_KEY.pack(group + 1, 0))
+        if (cursor.prev() if found else cursor.last()) and cursor.key()[: _GROUP.size] == raw_group:
+            memory.last = max(memory.offset, _LOG_KEY.unpack(cursor.key())[1])
+
+        def term_at(index: int) -> int:
+            entry = txn.get(_LOG_KEY.pack(group, index), db=self._log)
+            if entry is None:
+                raise StoreError(f"group {group}: log entry {index} is missing")
+            return int(_VERSION.unpack_from(entry)[0])
+
+        # Terms never decrease along a log (``_append`` enforces it), so each run's end is
+        # found by bisection: the load reads O(runs x log entries) records, not every entry.
+        start = memory.offset + 1
+        while start <= memory.last:
+            term = term_at(start)
+            lo, hi = start, memory.last
+            while lo < hi:
+                middle = (lo + hi + 1) // 2
+                if term_at(middle) == term:
+                    lo = middle
+                else:
+                    hi = middle - 1
+            memory.run_starts.append(start)
+            memory.run_terms.append(term)
+            start = lo + 1
         return memory
 
     def _append(
@@ -479,6 +499,11 @@ class ReplicaStore:
         start = entries[0].index
         if start > memory.last + 1:
             raise UnavailableError(start)
+        previous = memory.term(start - 1)
+        for entry in entries:
+            if entry.term < previous:
+                raise ValueError(f"entries for group {group}: term falls at index {entry.index}")
+            previous = entry.term
         # Raft never replaces a committed entry; doing so would leave applied data that no log
         # entry explains and a snapshot index whose term is gone.
         if start <= memory.applied and (
@@ -497,7 +522,7 @@ class ReplicaStore:
         for entry in entries:
             txn.put(
                 _LOG_KEY.pack(group, entry.index),
-                _ENTRY_HEAD.pack(entry.term, entry.type.value) + entry.data,
+                _ENTRY_HEAD.pack(entry.term, _TYPE_CODES[entry.type]) + entry.data,
                 db=self._log,
             )
         memory.extend(entries)
@@ -530,7 +555,7 @@ class ReplicaStore:
                 )
             if index > memory.last:
                 raise ApplyGapError(f"group {group}: entry {index} is not in the log")
-            if entry.type == EntryType.CONF_CHANGE:
+            if entry.type is _CONF_CHANGE:
                 memory.conf_state = _changed(memory.conf_state, entry.data)
                 applied.append(AppliedEntry(index, entry.term))
             elif not entry.data:
@@ -685,7 +710,7 @@ class GroupLog:
             for index in range(lo, hi):
                 raw = cursor.value()
                 term, kind = _ENTRY_HEAD.unpack_from(raw)
-                entry = Entry(term, index, EntryType(kind), raw[_ENTRY_HEAD.size :])
+                entry = Entry(term, index, _ENTRY_TYPES[kind], raw[_ENTRY_HEAD.size :])
                 total += entry_size(entry)
                 if found and max_size is not None and total > max_size:
                     break
@@ -772,12 +797,15 @@ def _changed(conf_state: ConfState, data: bytes) -> ConfState:
 
 def _pack_state(memory: _GroupMemory) -> bytes:
     hard = memory.hard_state
-    conf = memory.conf_state
-    parts = [
-        _STATE.pack(
-            hard.term, hard.vote, hard.commit, memory.applied, memory.offset, memory.offset_term
-        )
-    ]
+    return _STATE.pack(
+        hard.term, hard.vote, hard.commit, memory.applied, memory.offset, memory.offset_term
+    ) + _pack_conf_state(memory.conf_state)
+
+
+@functools.lru_cache(maxsize=64)
+def _pack_conf_state(conf: ConfState) -> bytes:
+    """Memoised: every group's state is rewritten each cycle, and memberships are few."""
+    parts: list[bytes] = []
     for members in (conf.voters, conf.learners):
         parts.append(_COUNT.pack(len(members)))
         parts += (_NODE.pack(node) for node in sorted(members))
