@@ -281,7 +281,10 @@ def test_conditional_writes_compare_raft_index_versions(store: ReplicaStore) -> 
     assert store.get(0, b"k") is None
 
 
-@pytest.mark.parametrize("size", [1, INLINE_KEY_BYTES, INLINE_KEY_BYTES + 1, MAX_KEY_BYTES])
+@pytest.mark.parametrize(
+    "size",
+    [1, INLINE_KEY_BYTES, INLINE_KEY_BYTES + 1, INLINE_KEY_BYTES + 16, 511, 512, MAX_KEY_BYTES],
+)
 def test_keys_of_every_length_are_stored_and_snapshotted(
     store: ReplicaStore, path: Path, size: int
 ) -> None:
@@ -293,6 +296,14 @@ def test_keys_of_every_length_are_stored_and_snapshotted(
     store = reopen(store, path)
     assert store.get(0, key) == (b"v", 2)
     store.close()
+
+
+def test_every_key_length_around_lmdbs_limit_is_stored(store: ReplicaStore) -> None:
+    """The group prefix shortens what fits inline: each length on both sides of the cut."""
+    keys = [bytes([length % 251]) * length for length in range(INLINE_KEY_BYTES - 2, 520)]
+    apply(store, 0, command(2, *(PutOp(key, key[:3]) for key in keys)))
+    assert [store.get(0, key) for key in keys] == [(key[:3], 2) for key in keys]
+    assert contents(store, 0) == {key: (key[:3], 2) for key in keys}
 
 
 def test_long_keys_whose_digests_collide_stay_apart(path: Path) -> None:
