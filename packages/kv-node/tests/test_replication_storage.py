@@ -39,11 +39,14 @@ from kv_raft import (
     CompactedError,
     ConfChange,
     ConfChangeType,
+    Config,
     ConfState,
     Entry,
     EntryType,
     HardState,
     MemoryStorage,
+    Message,
+    RawNode,
     Snapshot,
     SnapshotMeta,
     UnavailableError,
@@ -635,3 +638,88 @@ def test_the_store_id_survives_reopening(store: ReplicaStore, path: Path) -> Non
     store = reopen(store, path)
     assert store.store_id == store_id
     store.close()
+
+
+# -- under the real Raft core ----------------------------------------------------------------------
+class _Cluster:
+    """Three RawNodes of group 0, each over its own ReplicaStore, messages delivered in memory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stores: dict[int, ReplicaStore] = {}
+        self.nodes: dict[int, RawNode] = {}
+        self.cut: set[int] = set()
+        self.applied: dict[int, list[int]] = {1: [], 2: [], 3: []}
+        """Per node, the index of every entry its store applied, across restarts."""
+        for node in (1, 2, 3):
+            self.start(node)
+
+    def start(self, node: int) -> None:
+        store = ReplicaStore.open(self.root / str(node), map_size=MAP_SIZE)
+        store.bootstrap({0: THREE})
+        self.stores[node] = store
+        config = Config(id=node, rng=random.Random(node), applied=store.applied(0))
+        self.nodes[node] = RawNode(config, store.group(0))
+
+    def restart(self, node: int) -> None:
+        self.stores[node].close()
+        self.start(node)
+
+    def settle(self) -> None:
+        inbox: list[Message] = []
+        for _ in range(1000):
+            for node, raw in self.nodes.items():
+                while raw.has_ready():
+                    ready = raw.ready()
+                    results = self.stores[node].commit(
+                        [GroupWrite.from_ready(0, ready)], sync=ready.must_sync
+                    )
+                    self.applied[node] += (entry.index for entry in results.get(0, []))
+                    inbox += (m for m in ready.messages if not {m.to, m.frm} & self.cut)
+                    raw.advance(ready)
+            if not inbox:
+                return
+            for message in inbox:
+                self.nodes[message.to].step(message)
+            inbox.clear()
+        raise AssertionError("the group did not settle")
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+
+
+def test_three_replicas_driven_by_the_core_agree_through_restarts_and_snapshots(
+    tmp_path: Path,
+) -> None:
+    cluster = _Cluster(tmp_path)
+    cluster.nodes[1].campaign()
+    cluster.settle()
+    leader = cluster.nodes[1]
+    for i in range(5):
+        leader.propose(encode_command([PutOp(b"k%d" % (i % 2), b"v%d" % i)]))
+        cluster.settle()
+    cluster.restart(2)  # recovers from its own store; nothing may be applied twice
+    cluster.cut = {3}
+    isolated_at = cluster.stores[3].applied(0)
+    for i in range(5, 10):
+        leader.propose(encode_command([PutOp(b"k%d" % (i % 2), b"v%d" % i)]))
+        cluster.settle()
+    applied = cluster.stores[1].applied(0)
+    cluster.stores[1].compact(0, applied)  # node 3 can only catch up by a snapshot now
+    cluster.cut = set()
+    leader.propose(encode_command([PutOp(b"last", b"!")]))
+    for _ in range(3):  # heartbeats carry the leader's view to the isolated node
+        leader.tick()
+        cluster.settle()
+    expected = contents(cluster.stores[1], 0)
+    assert expected[b"k1"] == (b"v9", expected[b"k1"][1])
+    assert b"last" in expected
+    for node in (2, 3):
+        assert contents(cluster.stores[node], 0) == expected
+        assert cluster.stores[node].applied(0) == cluster.stores[1].applied(0)
+    assert cluster.stores[3].group(0).first_index() > 2  # it did install a snapshot
+    last = cluster.stores[1].applied(0)
+    assert cluster.applied[1] == cluster.applied[2] == list(range(2, last + 1))
+    assert cluster.applied[3] == [i for i in range(2, last + 1) if i <= isolated_at or i > applied]
+    cluster.close()
