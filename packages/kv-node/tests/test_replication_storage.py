@@ -394,6 +394,24 @@ def test_entries_whose_term_falls_are_refused(store: ReplicaStore) -> None:
     assert store.group(0).last_index() == 2
 
 
+def test_a_committed_entry_must_be_in_the_log(store: ReplicaStore) -> None:
+    with pytest.raises(ApplyGapError, match="entry 2 is not in the log"):
+        store.commit([GroupWrite(0, committed=[command(2, PutOp(b"k", b"v"))])], sync=True)
+    assert store.applied(0) == 1
+
+
+def test_one_commit_may_carry_several_writes_of_a_group(store: ReplicaStore, path: Path) -> None:
+    entry = command(2, PutOp(b"k", b"v"))
+    results = store.commit(
+        [GroupWrite(0, entries=[entry]), GroupWrite(0, HardState(2, 1, 2), committed=[entry])],
+        sync=True,
+    )
+    assert results == {0: [AppliedEntry(2, 2, (WriteResult(True, False, 2),))]}
+    store = reopen(store, path)
+    assert (store.group(0).last_index(), store.applied(0)) == (2, 2)
+    store.close()
+
+
 def test_entries_that_leave_a_hole_in_the_log_are_refused(store: ReplicaStore) -> None:
     with pytest.raises(UnavailableError):
         store.commit([GroupWrite(0, entries=[Entry(2, 3)])], sync=True)

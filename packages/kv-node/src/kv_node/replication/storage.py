@@ -24,14 +24,17 @@ Layout (integers big-endian, so keys sort by group, then by index):
 Versions: a key's version is the Raft index of the entry that wrote it, so it is the same on
 every replica and survives leader changes. Every op of one entry gets that entry's index.
 
-Durability: the environment is opened without LMDB's per-commit flush (``ENV_FLAGS``) so that
-a cycle whose Ready says ``must_sync=False`` costs no fsync; ``commit(sync=True)`` flushes data
-and meta pages with ``Environment.sync(force=True)`` before it returns. py-lmdb does not expose
-LMDB's per-transaction MDB_NOSYNC, which would keep LMDB's ordered two-step flush for synced
-commits; without it, an operating-system crash (not a process crash: kill -9 keeps the page
-cache) during an unflushed commit can leave the file damaged rather than merely behind, which
-``lmdb_file.check_data_file`` may or may not detect. The report that introduced this module
-asks for that to be decided.
+Durability: LMDB flushes at commit for every transaction alike or for none (py-lmdb does not
+expose LMDB's per-transaction MDB_NOSYNC), so the environment is opened without that flush
+(``ENV_FLAGS``): a cycle whose Readies all say ``must_sync=False`` costs no fsync, and
+``commit(sync=True)`` flushes data and meta pages with ``Environment.sync(force=True)`` before it
+returns, so a process crash (kill -9 keeps the page cache) loses nothing acknowledged. What that
+gives up: LMDB's own synced commit flushes the data pages before it writes the meta page, and one
+flush after both cannot order them, so a power loss or kernel crash in the middle of a commit can
+leave a meta page that points at pages never written (and unflushed commits may reuse pages of
+the last flushed one): a damaged file, not merely an older one. The ways out are exposing the
+per-transaction flag in py-lmdb, or LMDB's per-commit flush at the price of an fsync for cycles
+that need none; which one is a decision for the runtime, not made here.
 
 Snapshots: ``GroupLog.snapshot`` reads the group's state and its whole partition in one read
 transaction and returns them as one ``Snapshot`` (``encode_snapshot_data``). A later change
@@ -93,6 +96,9 @@ ENTRY_CACHE_ENTRIES = 256
 ENTRY_CACHE_BYTES = 1024 * 1024
 """Per group, the newest log entries kept in memory (both bounds hold), so that the core's
 reads of what was just appended (sending it on, applying it once committed) skip LMDB."""
+
+_MAX_READERS = 256
+"""Concurrent read transactions LMDB makes room for: the loop, plus snapshot senders later."""
 
 _GROUP = struct.Struct(">I")
 _LOG_KEY = struct.Struct(">IQ")
@@ -308,7 +314,7 @@ class ReplicaStore:
                 map_size=map_size,
                 max_dbs=len(_OUR_DBS),
                 readahead=False,
-                max_readers=256,
+                max_readers=_MAX_READERS,
                 **ENV_FLAGS,
             )
         except (lmdb.Error, OSError, OverflowError, ValueError) as exc:
