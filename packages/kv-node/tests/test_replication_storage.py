@@ -113,6 +113,14 @@ def test_bootstrap_founds_only_groups_that_have_no_state(store: ReplicaStore) ->
     assert store.group(2).initial_state() == MemoryStorage(THREE).initial_state()
 
 
+def test_the_store_lists_the_groups_it_holds(store: ReplicaStore, path: Path) -> None:
+    store.group(5)  # reading a group creates nothing
+    store.commit([GroupWrite(9, HardState(3, 2, 0))], sync=True)
+    store = reopen(store, path)
+    assert store.groups() == [0, 1, 9]
+    store.close()
+
+
 def test_a_group_without_state_reads_as_empty_storage(store: ReplicaStore) -> None:
     model = MemoryStorage()
     log = store.group(7)

@@ -364,6 +364,12 @@ class ReplicaStore:
         for group, memory in founded.items():
             self._log_of(group)._memory = memory
 
+    def groups(self) -> list[int]:
+        """Every group with state in this store, ascending: what a restart has to bring back."""
+        with self._env.begin(db=self._groups) as txn:
+            keys = txn.cursor().iternext(keys=True, values=False)
+            return [_GROUP.unpack(key)[0] for key in keys]
+
     def group(self, group: int) -> GroupLog:
         """The group's log as the core reads it; a group with no state reads as empty storage
         (``MemoryStorage()``), ready to receive a snapshot from its leader."""
