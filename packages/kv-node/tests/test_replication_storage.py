@@ -77,7 +77,7 @@ def apply(store: ReplicaStore, group: int, *entries: Entry) -> list[AppliedEntry
     """Append ``entries`` and apply them at once, as a leader of one does."""
     commit = entries[-1].index
     write = GroupWrite(group, HardState(2, 1, commit), entries, None, entries)
-    return store.commit([write], sync=True).get(group, [])
+    return store.commit([write]).get(group, [])
 
 
 def contents(store: ReplicaStore, group: int) -> dict[bytes, tuple[bytes, int]]:
@@ -115,7 +115,7 @@ def test_bootstrap_founds_only_groups_that_have_no_state(store: ReplicaStore) ->
 
 def test_the_store_lists_the_groups_it_holds(store: ReplicaStore, path: Path) -> None:
     store.group(5)  # reading a group creates nothing
-    store.commit([GroupWrite(9, HardState(3, 2, 0))], sync=True)
+    store.commit([GroupWrite(9, HardState(3, 2, 0))])
     store = reopen(store, path)
     assert store.groups() == [0, 1, 9]
     store.close()
@@ -138,7 +138,7 @@ def test_reopening_gives_back_the_log_hard_state_applied_index_and_data(
         command(4, PutOp(b"b", b"2"), term=3),
         command(5, DeleteOp(b"a"), term=3),
     ]
-    store.commit([GroupWrite(0, HardState(3, 2, 4), entries, None, entries[:3])], sync=True)
+    store.commit([GroupWrite(0, HardState(3, 2, 4), entries, None, entries[:3])])
     before = store.group(0)
     state = (
         before.initial_state(),
@@ -169,7 +169,7 @@ def test_replaying_committed_entries_after_a_reopen_applies_nothing_twice(
     entries = [command(2, PutOp(b"k", b"a")), command(3, PutOp(b"k", b"b", if_version=2))]
     apply(store, 0, *entries)
     store = reopen(store, path)
-    replay = store.commit([GroupWrite(0, committed=entries)], sync=True)
+    replay = store.commit([GroupWrite(0, committed=entries)])
     assert replay == {}
     assert store.get(0, b"k") == (b"b", 3)
     assert store.applied(0) == 3
@@ -180,8 +180,8 @@ def test_replaying_committed_entries_after_a_reopen_applies_nothing_twice(
 def test_an_append_replaces_the_conflicting_suffix(store: ReplicaStore, path: Path) -> None:
     old = [Entry(2, i, data=b"old") for i in range(2, 7)]
     new = [Entry(3, i, data=b"new") for i in range(4, 6)]
-    store.commit([GroupWrite(0, entries=old)], sync=True)
-    store.commit([GroupWrite(0, entries=new)], sync=True)
+    store.commit([GroupWrite(0, entries=old)])
+    store.commit([GroupWrite(0, entries=new)])
     expected = old[:2] + new
     assert store.group(0).entries(2, 6) == expected
     assert store.group(0).last_index() == 5
@@ -195,7 +195,7 @@ def test_an_append_replaces_the_conflicting_suffix(store: ReplicaStore, path: Pa
 
 def test_compaction_keeps_memory_storage_errors(store: ReplicaStore, path: Path) -> None:
     entries = [Entry(2, i, data=bytes(i)) for i in range(2, 8)]
-    store.commit([GroupWrite(0, HardState(2, 1, 7), entries, None, entries)], sync=True)
+    store.commit([GroupWrite(0, HardState(2, 1, 7), entries, None, entries)])
     store.compact(0, 4)
     for reopened in (False, True):
         if reopened:
@@ -213,7 +213,7 @@ def test_compaction_keeps_memory_storage_errors(store: ReplicaStore, path: Path)
 
 
 def test_only_applied_entries_can_be_compacted(store: ReplicaStore) -> None:
-    store.commit([GroupWrite(0, entries=[Entry(2, 2), Entry(2, 3)])], sync=True)
+    store.commit([GroupWrite(0, entries=[Entry(2, 2), Entry(2, 3)])])
     with pytest.raises(ValueError, match="applied 1"):
         store.compact(0, 2)
     with pytest.raises(UnavailableError):
@@ -228,7 +228,7 @@ def test_entries_respect_max_size_in_memory_and_on_disk(
     model = MemoryStorage(THREE)
     entries = [Entry(2, i, data=b"x" * i) for i in range(2, 12)]
     model.append(entries)
-    store.commit([GroupWrite(0, entries=entries)], sync=True)
+    store.commit([GroupWrite(0, entries=entries)])
     for reopened in (False, True):
         if reopened:
             store = reopen(store, path)
@@ -373,7 +373,7 @@ def test_a_gap_raises_and_leaves_the_store_unchanged(store: ReplicaStore, path: 
         ),
     ]
     with pytest.raises(ApplyGapError, match="entry 4 committed after applied 2"):
-        store.commit(writes, sync=True)
+        store.commit(writes)
     for reopened in (False, True):
         if reopened:
             store = reopen(store, path)
@@ -388,31 +388,30 @@ def test_entries_that_would_replace_applied_ones_are_refused(store: ReplicaStore
     apply(store, 0, command(2, PutOp(b"k", b"v")), command(3, PutOp(b"k", b"w")))
     for entries in ([Entry(3, 3)], [Entry(2, 2)]):
         with pytest.raises(ValueError, match="would replace applied entries"):
-            store.commit([GroupWrite(0, entries=entries)], sync=True)
-    store.commit([GroupWrite(0, entries=[command(3, PutOp(b"k", b"w")), Entry(3, 4)])], sync=True)
+            store.commit([GroupWrite(0, entries=entries)])
+    store.commit([GroupWrite(0, entries=[command(3, PutOp(b"k", b"w")), Entry(3, 4)])])
     assert [store.group(0).term(i) for i in (2, 3, 4)] == [2, 2, 3]
 
 
 def test_entries_whose_term_falls_are_refused(store: ReplicaStore) -> None:
     """Reopening finds each term's run by bisection, which holds only while terms never fall."""
-    store.commit([GroupWrite(0, entries=[Entry(3, 2)])], sync=True)
+    store.commit([GroupWrite(0, entries=[Entry(3, 2)])])
     for entries in ([Entry(2, 3)], [Entry(3, 3), Entry(4, 4), Entry(3, 5)]):
         with pytest.raises(ValueError, match="term falls"):
-            store.commit([GroupWrite(0, entries=entries)], sync=True)
+            store.commit([GroupWrite(0, entries=entries)])
     assert store.group(0).last_index() == 2
 
 
 def test_a_committed_entry_must_be_in_the_log(store: ReplicaStore) -> None:
     with pytest.raises(ApplyGapError, match="entry 2 is not in the log"):
-        store.commit([GroupWrite(0, committed=[command(2, PutOp(b"k", b"v"))])], sync=True)
+        store.commit([GroupWrite(0, committed=[command(2, PutOp(b"k", b"v"))])])
     assert store.applied(0) == 1
 
 
 def test_one_commit_may_carry_several_writes_of_a_group(store: ReplicaStore, path: Path) -> None:
     entry = command(2, PutOp(b"k", b"v"))
     results = store.commit(
-        [GroupWrite(0, entries=[entry]), GroupWrite(0, HardState(2, 1, 2), committed=[entry])],
-        sync=True,
+        [GroupWrite(0, entries=[entry]), GroupWrite(0, HardState(2, 1, 2), committed=[entry])]
     )
     assert results == {0: [AppliedEntry(2, 2, (WriteResult(True, False, 2),))]}
     store = reopen(store, path)
@@ -422,7 +421,7 @@ def test_one_commit_may_carry_several_writes_of_a_group(store: ReplicaStore, pat
 
 def test_entries_that_leave_a_hole_in_the_log_are_refused(store: ReplicaStore) -> None:
     with pytest.raises(UnavailableError):
-        store.commit([GroupWrite(0, entries=[Entry(2, 3)])], sync=True)
+        store.commit([GroupWrite(0, entries=[Entry(2, 3)])])
     assert store.group(0).last_index() == 1
 
 
@@ -438,7 +437,7 @@ def test_a_snapshot_installs_into_a_fresh_store_as_the_same_partition(
         command(3, PutOp(b"b", b"2"), DeleteOp(b"a")),
         command(4, PutOp(b"a", b"3")),
     )
-    store.commit([GroupWrite(0, entries=[command(5, PutOp(b"z", b"unapplied"))])], sync=True)
+    store.commit([GroupWrite(0, entries=[command(5, PutOp(b"z", b"unapplied"))])])
     snapshot = store.group(0).snapshot()
     assert snapshot.meta == SnapshotMeta(4, 2, THREE)
 
@@ -446,7 +445,7 @@ def test_a_snapshot_installs_into_a_fresh_store_as_the_same_partition(
     fresh.bootstrap({0: ConfState(voters=frozenset({1})), 1: THREE})
     apply(fresh, 0, command(2, PutOp(b"stale", b"gone")))
     apply(fresh, 1, command(2, PutOp(b"other", b"kept")))
-    fresh.commit([GroupWrite(0, snapshot=snapshot)], sync=True)
+    fresh.commit([GroupWrite(0, snapshot=snapshot)])
 
     assert (
         contents(fresh, 0)
@@ -471,7 +470,7 @@ def test_a_snapshot_installs_into_a_fresh_store_as_the_same_partition(
 def test_a_snapshot_no_newer_than_the_applied_index_is_ignored(store: ReplicaStore) -> None:
     apply(store, 0, command(2, PutOp(b"k", b"v")), command(3, PutOp(b"k", b"w")))
     old = Snapshot(SnapshotMeta(3, 2, THREE), b"\x01")
-    store.commit([GroupWrite(0, snapshot=old)], sync=True)
+    store.commit([GroupWrite(0, snapshot=old)])
     assert store.get(0, b"k") == (b"w", 3)
     assert store.group(0).last_index() == 3
 
@@ -480,7 +479,7 @@ def test_damaged_snapshot_data_is_refused_before_anything_changes(store: Replica
     apply(store, 0, command(2, PutOp(b"k", b"v")))
     damaged = Snapshot(SnapshotMeta(9, 3, THREE), b"\x01\x00\x00\x00\x05")
     with pytest.raises(SnapshotDataError):
-        store.commit([GroupWrite(0, snapshot=damaged)], sync=True)
+        store.commit([GroupWrite(0, snapshot=damaged)])
     assert store.get(0, b"k") == (b"v", 2)
     assert store.applied(0) == 2
 
@@ -548,16 +547,16 @@ def test_the_log_behaves_like_memory_storage(
                 model.append(entries)
             except UnavailableError:
                 with pytest.raises(UnavailableError):
-                    store.commit([GroupWrite(0, entries=entries)], sync=False)
+                    store.commit([GroupWrite(0, entries=entries)])
             else:
-                store.commit([GroupWrite(0, entries=entries)], sync=False)
+                store.commit([GroupWrite(0, entries=entries)])
         elif action == "apply":
             target = min(applied + rng.randint(1, 4), model.last_index())
             if target > applied:
                 committed = model.entries(applied + 1, target + 1)
                 hard = HardState(4, 1, target)
                 model.set_hard_state(hard)
-                store.commit([GroupWrite(0, hard, committed=committed)], sync=False)
+                store.commit([GroupWrite(0, hard, committed=committed)])
                 for entry in committed:
                     try:
                         ops = decode_command(entry.data).ops
@@ -580,52 +579,26 @@ def test_the_log_behaves_like_memory_storage(
 
 
 # -- durability and layout -----------------------------------------------------------------------
-class _RecordingEnv:
-    """The real environment, with the write transactions and flushes the store asks for logged."""
-
-    def __init__(self, env: lmdb.Environment, calls: list[str]) -> None:
-        self._env = env
-        self._calls = calls
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._env, name)
-
-    def begin(self, **kwargs: Any) -> lmdb.Transaction:
-        if kwargs.get("write"):
-            self._calls.append("write")
-        return self._env.begin(**kwargs)
-
-    def sync(self, force: bool = False) -> None:
-        self._env.sync(force)
-        self._calls.append(f"sync(force={force})")
-
-
-def test_a_synced_commit_is_flushed_before_it_returns_and_an_unsynced_one_is_not(
-    store: ReplicaStore,
-) -> None:
-    """LMDB itself does not flush at commit (kill -9 keeps the page cache, so no crash test
-    notices a missing flush); the store flushes data and meta pages when a cycle asks."""
+def test_every_commit_is_flushed_by_lmdb_before_it_returns(store: ReplicaStore) -> None:
+    """LMDB's own synced commit: data pages, then the meta page, each flushed, inside the
+    commit (kill -9 keeps the page cache, so no crash test notices a missing flush; the live
+    flags are what a test can check). A cycle that needs no fsync gets one anyway."""
     assert {name: store.flags()[name] for name in ENV_FLAGS} == {
-        "sync": False,
+        "sync": True,
         "metasync": True,
         "map_async": False,
     }
-    calls: list[str] = []
-    store._env = _RecordingEnv(store._env, calls)  # type: ignore[assignment]
     flushes = store.flushes
-    store.commit([GroupWrite(0, entries=[Entry(2, 2)])], sync=True)
-    assert calls == ["write", "sync(force=True)"]
-    assert store.flushes == flushes + 1
-    calls.clear()
-    store.commit([GroupWrite(0, entries=[Entry(2, 3)])], sync=False)
-    assert calls == ["write"]
-    assert store.flushes == flushes + 1
+    store.commit([GroupWrite(0, entries=[Entry(2, 2)])])
+    store.commit([GroupWrite(0, hard_state=HardState(term=2, commit=2))])
+    assert store.flushes == flushes + 2
 
 
 def test_a_store_opened_without_sync_never_flushes(path: Path) -> None:
     store = ReplicaStore.open(path, map_size=MAP_SIZE, sync=False)
+    assert (store.flags()["sync"], store.flags()["metasync"]) == (False, False)
     store.bootstrap({0: THREE})
-    store.commit([GroupWrite(0, entries=[Entry(2, 2)])], sync=True)
+    store.commit([GroupWrite(0, entries=[Entry(2, 2)])])
     assert store.flushes == 0
     store.close()
 
@@ -697,9 +670,7 @@ class _Cluster:
             for node, raw in self.nodes.items():
                 while raw.has_ready():
                     ready = raw.ready()
-                    results = self.stores[node].commit(
-                        [GroupWrite.from_ready(0, ready)], sync=ready.must_sync
-                    )
+                    results = self.stores[node].commit([GroupWrite.from_ready(0, ready)])
                     self.applied[node] += (entry.index for entry in results.get(0, []))
                     inbox += (m for m in ready.messages if not {m.to, m.frm} & self.cut)
                     raw.advance(ready)

@@ -24,17 +24,14 @@ Layout (integers big-endian, so keys sort by group, then by index):
 Versions: a key's version is the Raft index of the entry that wrote it, so it is the same on
 every replica and survives leader changes. Every op of one entry gets that entry's index.
 
-Durability: LMDB flushes at commit for every transaction alike or for none (py-lmdb does not
-expose LMDB's per-transaction MDB_NOSYNC), so the environment is opened without that flush
-(``ENV_FLAGS``): a cycle whose Readies all say ``must_sync=False`` costs no fsync, and
-``commit(sync=True)`` flushes data and meta pages with ``Environment.sync(force=True)`` before it
-returns, so a process crash (kill -9 keeps the page cache) loses nothing acknowledged. What that
-gives up: LMDB's own synced commit flushes the data pages before it writes the meta page, and one
-flush after both cannot order them, so a power loss or kernel crash in the middle of a commit can
-leave a meta page that points at pages never written (and unflushed commits may reuse pages of
-the last flushed one): a damaged file, not merely an older one. The ways out are exposing the
-per-transaction flag in py-lmdb, or LMDB's per-commit flush at the price of an fsync for cycles
-that need none; which one is a decision for the runtime, not made here.
+Durability: LMDB's own synced commit (``DURABLE_FLAGS``): every commit flushes the data pages,
+then writes and flushes the meta page that points at them, so whatever crashes (the process, the
+kernel, the power) the file holds the last committed cycle whole. py-lmdb offers no
+per-transaction way to skip the flush, so a cycle whose Readies all say ``must_sync=False``
+(only a commit index moved) is flushed too; skipping it by flushing explicitly after an unsynced
+commit would give up the ordering above, and a power loss could then leave a meta page pointing
+at pages never written: a damaged file, not merely an older one (decided in the review of this
+module: an extra fsync is cheaper than that risk).
 
 Snapshots: ``GroupLog.snapshot`` reads the group's state and its whole partition in one read
 transaction and returns them as one ``Snapshot`` (``encode_snapshot_data``). A later change
@@ -90,8 +87,10 @@ from kv_raft.types import entry_size
 
 LAYOUT = 1
 """The replica layout described above; a store with another number is refused."""
-ENV_FLAGS = {**DURABLE_FLAGS, "sync": False}
-"""LMDB writes without flushing at commit; ``commit(sync=True)`` flushes explicitly."""
+ENV_FLAGS = DURABLE_FLAGS
+"""LMDB flushes data, then meta pages, at every commit of a store opened with ``sync``."""
+_UNSYNCED_FLAGS = {**DURABLE_FLAGS, "sync": False, "metasync": False}
+"""Tests and benchmarks that need no durability: LMDB never flushes."""
 ENTRY_CACHE_ENTRIES = 256
 ENTRY_CACHE_BYTES = 1024 * 1024
 """Per group, the newest log entries kept in memory (both bounds hold), so that the core's
@@ -315,15 +314,13 @@ class ReplicaStore:
                 max_dbs=len(_OUR_DBS),
                 readahead=False,
                 max_readers=_MAX_READERS,
-                **ENV_FLAGS,
+                **(ENV_FLAGS if sync else _UNSYNCED_FLAGS),
             )
         except (lmdb.Error, OSError, OverflowError, ValueError) as exc:
             os.close(lock_fd)
             raise StoreError(f"cannot open the replica store in {path}: {exc}") from exc
         try:
             _prepare_layout(path, env)
-            if sync:
-                env.sync(True)
             return cls(path, env, lock_fd, sync=sync, digest=digest)
         except BaseException as exc:
             env.close()
@@ -359,8 +356,8 @@ class ReplicaStore:
                 memory.reset(SnapshotMeta(index=1, term=1, conf_state=conf_state))
                 txn.put(_GROUP.pack(group), _pack_state(memory), db=self._groups)
                 founded[group] = memory
-        if founded:
-            self._flush()
+        if founded and self._sync:
+            self.flushes += 1  # LMDB flushed as the transaction committed
         for group, memory in founded.items():
             self._log_of(group)._memory = memory
 
@@ -390,8 +387,8 @@ class ReplicaStore:
         return record[_VERSION.size :], _VERSION.unpack_from(record)[0]
 
     # -- the cycle ------------------------------------------------------------------------------
-    def commit(self, writes: Sequence[GroupWrite], *, sync: bool) -> CommitResult:
-        """Persist and apply a whole cycle in one write transaction, then flush once if ``sync``.
+    def commit(self, writes: Sequence[GroupWrite]) -> CommitResult:
+        """Persist and apply a whole cycle in one write transaction, flushed once at its end.
 
         Per write, in the Ready contract's order: install the snapshot, append the entries
         (replacing any conflicting suffix), set the hard state, apply the committed entries.
@@ -419,8 +416,8 @@ class ReplicaStore:
                 if applied:
                     results.setdefault(group, []).extend(applied)
                 txn.put(_GROUP.pack(group), _pack_state(memory), db=self._groups)
-        if sync:
-            self._flush()
+        if self._sync:
+            self.flushes += 1  # LMDB flushed as the transaction committed
         for group, memory in staged.items():
             self._logs[group]._memory = memory
         return results
@@ -447,11 +444,6 @@ class ReplicaStore:
         log._memory = compacted
 
     # -- internals ------------------------------------------------------------------------------
-    def _flush(self) -> None:
-        if self._sync:
-            self._env.sync(True)
-            self.flushes += 1
-
     def _log_of(self, group: int, txn: lmdb.Transaction | None = None) -> GroupLog:
         log = self._logs.get(group)
         if log is None:
