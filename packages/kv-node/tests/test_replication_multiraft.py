@@ -304,6 +304,20 @@ def test_idle_groups_fall_asleep_and_then_a_tick_ticks_nothing(
     assert idle.all_led()
 
 
+def test_groups_fall_asleep_and_stay_asleep_when_messages_are_late() -> None:
+    c = Cluster(seed=3, max_delay=2)
+    c.run_until(c.all_led, max_ticks=6 * ELECTION_TICK)
+    for g in c.voters:
+        c.propose(g, b"late")
+    # Answers to a leader's last heartbeats may arrive after it fell asleep; they must not wake
+    # it (each wake would mean more heartbeats, more late answers, and no sleep ever).
+    c.run_until(lambda: c.all_asleep() and not c.in_flight, max_ticks=4 * SLEEP_BOUND)
+    sent = c.sent
+    c.run(5 * ELECTION_TICK)
+    assert c.sent == sent
+    assert c.all_asleep() and c.all_led()
+
+
 def test_a_proposal_wakes_only_its_group_and_commits(idle: Cluster) -> None:
     terms = {g: idle.drivers[1].term(g) for g in idle.voters}
     idle.propose(5, b"wake up")
@@ -323,6 +337,22 @@ def test_a_read_wakes_its_group_and_is_confirmed(idle: Cluster) -> None:
     idle.run(1)
     (state,) = idle.read_states[leader, 3]
     assert state.request_id == b"r1" and state.index == idle.applied[leader, 3][-1].index
+    idle.run_until(idle.all_asleep, max_ticks=SLEEP_BOUND)
+
+
+def test_a_pending_read_keeps_its_leader_awake_until_confirmed(idle: Cluster) -> None:
+    leader = idle.leader(3)
+    assert leader is not None
+    followers = idle.voters[3] - {leader}
+    # Heartbeats are lost but the transport has not noticed: nobody is reported dead.
+    idle.cut |= {frozenset((leader, f)) for f in followers}
+    idle.drivers[leader].read_index(3, b"r1")
+    idle.run(LEADER_QUIET_TICKS + 3)
+    assert not idle.drivers[leader].is_asleep(3)
+    assert idle.read_states[leader, 3] == []
+    idle.cut.clear()
+    idle.run(1)
+    assert [s.request_id for s in idle.read_states[leader, 3]] == [b"r1"]
     idle.run_until(idle.all_asleep, max_ticks=SLEEP_BOUND)
 
 
