@@ -183,7 +183,7 @@ class Cluster:
         if restart:
             self.drivers[node] = self._start(node)
         for other in self.live():
-            if other != node:
+            if other != node and frozenset((node, other)) not in self.cut:
                 self.drivers[other].peer_alive(node, True)
                 self.drivers[node].peer_alive(other, True)
 
@@ -194,8 +194,9 @@ class Cluster:
 
     def heal(self, a: int, b: int) -> None:
         self.cut.discard(frozenset((a, b)))
-        self.drivers[a].peer_alive(b, True)
-        self.drivers[b].peer_alive(a, True)
+        if a not in self.down and b not in self.down:
+            self.drivers[a].peer_alive(b, True)
+            self.drivers[b].peer_alive(a, True)
 
     # -- what the tests look at --------------------------------------------------------------
     def leader(self, g: int) -> int | None:
@@ -491,7 +492,7 @@ def test_a_leader_that_lost_its_quorum_steps_down_within_one_election_timeout(
     assert all(idle.drivers[leader].role(g) is not Role.LEADER for g in led)
 
 
-@pytest.mark.parametrize("seed", range(1, 7))
+@pytest.mark.parametrize("seed", range(1, 11))
 def test_random_faults_keep_one_leader_per_term_and_agreeing_logs(seed: int) -> None:
     c = Cluster(nodes=5, groups=30, seed=seed, loss=0.05, max_delay=2)
     rng = random.Random(seed * 7919)
@@ -502,6 +503,12 @@ def test_random_faults_keep_one_leader_per_term_and_agreeing_logs(seed: int) -> 
             c.kill(rng.choice(c.live()))
         elif roll < 0.04 and c.down:
             c.revive(rng.choice(sorted(c.down)), restart=rng.random() < 0.5)
+        elif roll < 0.06:
+            a, b = rng.sample(c.ids, 2)
+            c.partition(a, b)
+        elif roll < 0.08 and c.cut:
+            a, b = sorted(rng.choice(sorted(tuple(sorted(p)) for p in c.cut)))
+            c.heal(a, b)
         for _ in range(rng.randint(0, 3)):
             g = rng.randrange(len(c.voters))
             leaders = [
@@ -516,6 +523,8 @@ def test_random_faults_keep_one_leader_per_term_and_agreeing_logs(seed: int) -> 
         if step % 25 == 0:
             c.check_prefixes_agree()
     c.loss, c.max_delay = 0.0, 0
+    for a, b in sorted(tuple(sorted(p)) for p in c.cut):
+        c.heal(a, b)
     for node in sorted(c.down):
         c.revive(node, restart=True)
     c.run_until(lambda: c.all_led() and c.all_asleep(), max_ticks=FAILOVER_BOUND + 3 * SLEEP_BOUND)
