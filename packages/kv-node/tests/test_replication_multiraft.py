@@ -16,10 +16,11 @@ import pytest
 from kv_node.replication.multiraft import (
     FOLLOWER_SLEEP_MARGIN,
     LEADER_QUIET_TICKS,
+    Cycle,
     GroupMessage,
     MultiRaft,
 )
-from kv_raft import ConfState, Entry, MemoryStorage, RawNode, ReadState, Role
+from kv_raft import ConfState, Entry, MemoryStorage, NotLeader, RawNode, ReadState, Role
 
 ELECTION_TICK = 10
 # Settling: a leader heartbeats LEADER_QUIET_TICKS more ticks, its followers then stay awake
@@ -116,8 +117,15 @@ class Cluster:
                 key = (g, driver.term(g))
                 first = self.leader_of_term.setdefault(key, node)
                 assert first == node, f"seed {self.seed}: group {g} term {key[1]}: two leaders"
+        regrouped = sorted(
+            (gm.group, gm.message.to, id(gm.message)) for ms in cycle.outbox.values() for gm in ms
+        )
+        assert regrouped == sorted(
+            (item.group, m.to, id(m)) for item in cycle.readies for m in item.ready.messages
+        )
         for dst, messages in cycle.outbox.items():
             for gm in messages:
+                assert gm.message.to == dst
                 self._send(node, dst, gm)
         driver.advance(cycle)
         return True
@@ -282,6 +290,44 @@ def test_every_group_elects_a_leader_and_commits() -> None:
     for g in c.voters:
         for n in c.ids:
             assert [e.data for e in c.applied[n, g] if e.data] == [f"v{g}".encode()]
+
+
+def test_a_follower_refuses_proposals_and_reads_naming_the_leader() -> None:
+    c = Cluster()
+    c.run_until(c.all_led, max_ticks=3 * ELECTION_TICK)
+    leader = c.leader(0)
+    follower = next(n for n in c.voters[0] if n != leader)
+    with pytest.raises(NotLeader) as refused:
+        c.drivers[follower].propose(0, b"x")
+    assert refused.value.leader == leader
+    with pytest.raises(NotLeader):
+        c.drivers[follower].read_index(0, b"r")
+
+
+def test_a_cycle_must_be_advanced_before_the_next_is_collected() -> None:
+    c = Cluster()
+    driver = c.drivers[1]
+    driver.campaign(0)
+    cycle = driver.collect()
+    assert not cycle.is_empty
+    with pytest.raises(RuntimeError):
+        driver.collect()
+    with pytest.raises(RuntimeError):
+        driver.advance(Cycle(cycle.readies, {}))
+    driver.advance(cycle)
+    assert driver.collect().is_empty
+
+
+def test_the_same_seed_replays_the_same_run() -> None:
+    def run(seed: int) -> tuple[object, ...]:
+        c = Cluster(nodes=4, groups=12, seed=seed, loss=0.1, max_delay=2)
+        c.run(3 * ELECTION_TICK)
+        c.kill(2)
+        c.run(2 * ELECTION_TICK)
+        return (sorted(c.leader_of_term.items()), sorted(c.applied.items()), c.sent)
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
 
 
 def test_preferred_leaders_are_elected_at_once_and_spread() -> None:
