@@ -470,6 +470,8 @@ def test_a_follower_cut_off_from_its_leader_alone_cannot_depose_it(idle: Cluster
     terms = {g: idle.drivers[a].term(g) for g in led_by_a}
     idle.partition(a, b)
     idle.run(5 * ELECTION_TICK)
+    # b tried: its groups led by a are awake and campaigning, and c's lease refuses them.
+    assert all(idle.drivers[b].role(g) is Role.PRE_CANDIDATE for g in led_by_a)
     assert all(idle.drivers[n].role(g) is Role.LEADER for g in led_by_a for n in (a,))
     assert {g: idle.drivers[a].term(g) for g in led_by_a} == terms
     assert all(idle.drivers[other].leader(g) == a for g in led_by_a)
