@@ -446,6 +446,28 @@ def test_a_revived_node_catches_up_and_the_cluster_sleeps_again(
     idle.check_acknowledged_everywhere()
 
 
+def test_a_restarted_node_campaigning_at_start_does_not_depose_anyone() -> None:
+    c = Cluster(preferred=True)
+    c.settle()
+    c.run_until(c.all_asleep, max_ticks=SLEEP_BOUND)
+    # Node 1 loses its leaderships, then comes back and catches up with the new terms.
+    c.kill(1)
+    c.run_until(c.all_led, max_ticks=FAILOVER_BOUND)
+    c.revive(1, restart=False)
+    c.run_until(lambda: c.all_led() and c.all_asleep(), max_ticks=FAILOVER_BOUND + SLEEP_BOUND)
+    terms = {g: c.drivers[2].term(g) for g in c.voters}
+    leaders = {g: c.leader(g) for g in c.voters}
+    assert 1 not in leaders.values()
+    # Restarted, it campaigns for its preferred groups: as up to date as the leaders, but their
+    # followers' leases refuse it.
+    c.kill(1)
+    c.revive(1, restart=True)
+    c.drivers[1].campaign_preferred()
+    c.run_until(lambda: c.all_led() and c.all_asleep(), max_ticks=FAILOVER_BOUND + SLEEP_BOUND)
+    assert {g: c.drivers[2].term(g) for g in c.voters} == terms
+    assert {g: c.leader(g) for g in c.voters} == leaders
+
+
 def test_a_resumed_stale_leader_neither_commits_nor_reads(idle: Cluster) -> None:
     victim = most_leading(idle)
     stale = [g for g in idle.voters if idle.leader(g) == victim]
