@@ -14,14 +14,14 @@ elections, and every event that needs an election wakes the groups concerned:
   live follower holds its whole log; a follower has a leader whose node is alive.
 * A settled leader heartbeats ``LEADER_QUIET_TICKS`` more ticks (carrying the final commit
   index to its followers), then sleeps. A settled follower sleeps once it has heard nothing for
-  ``follower_sleep_ticks`` < ``election_tick`` ticks, so it sleeps before it could campaign, and
+  ``election_tick - FOLLOWER_SLEEP_MARGIN`` ticks, so it sleeps before it could campaign, and
   keeps its leader lease (which only ticking would expire) for as long as it sleeps: as long as
   its leader's node is alive, nobody can take the group over. This is checked before ticking,
   so a follower woken by a vote request falls asleep again without moving towards the end of
   its lease.
 * A group wakes on a local proposal or read, on any request from a peer (and on a response
-  that leaves it work), when its leader's node dies (then its followers campaign, a few ticks
-  later), and, for a leader, when a follower's node comes back (to catch it up, or to tell a
+  that leaves it work), when its leader's node dies (then its followers forget that leader and
+  the group's successor campaigns at once), and, for a leader, when a follower's node comes back (to catch it up, or to tell a
   resumed stale leader the new term) or when too few of its voters' nodes are alive (so that it
   steps down instead of advertising a leadership it lost).
 
