@@ -1,0 +1,268 @@
+"""What the replication runtime owes its callers, and when it may answer them.
+
+Two tables, both pure bookkeeping (no I/O, no clock, no Raft calls): the runtime tells them
+what happened (an entry was proposed, applied, a read index came back, a leader changed) and
+they settle the callers' futures. Keeping them apart from the runtime's loop is what lets the
+rules below be tested one by one.
+
+**Writes** (``Proposals``). Callers' writes to one group queue up between two runtime cycles;
+the runtime proposes everything queued for a group as ONE entry (so a burst of writes costs
+one entry, one append message per follower, one apply), then records which callers own which
+slice of the entry. When that index is applied, each caller gets its slice of the outcomes.
+If a different entry is applied at that index (a new leader overwrote ours), the write never
+happened: the callers get ``ProposalLost``, which is safe to retry.
+
+**Reads** (``Reads``). A linearizable read waits for a read index (Raft's ReadIndex: the
+leader's commit index, confirmed by a quorum of heartbeats) and then for the local applied
+index to reach it. Reads are batched as etcd does: at most one ReadIndex request per group is
+in flight; every read queued before it was issued is served by its answer, reads queued after
+wait for the next one. A request whose answer never comes (the leader lost its leadership
+first, which the core reports by silence) is abandoned when the group's leader or term changes,
+and reissued after ``reissue_ticks`` ticks otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+
+from kv_node.store import Op, Outcome
+
+DEFAULT_MAX_ENTRY_OPS = 1024
+"""Most ops one entry carries: bounds an entry's size and its apply time."""
+DEFAULT_REISSUE_TICKS = 20
+"""A ReadIndex request unanswered this long (two election timeouts) is asked again."""
+
+
+class ProposalLost(Exception):
+    """The entry holding this write was replaced by another leader's: the write did not
+    happen, and retrying it is safe."""
+
+
+class LeadershipLost(Exception):
+    """This node stopped leading the group (or never did) before the call could finish.
+
+    ``leader`` is the raft id of the leader it now knows of, 0 when none.
+    """
+
+    def __init__(self, group: int, leader: int) -> None:
+        super().__init__(f"group {group}: not the leader; leader is {leader or 'unknown'}")
+        self.group = group
+        self.leader = leader
+
+
+_Waiter = tuple[int, "asyncio.Future[list[Outcome]]"]
+"""One caller of an entry: how many of its ops it owns, and its future."""
+
+
+@dataclass
+class _Entry:
+    term: int
+    waiters: list[_Waiter]
+
+
+@dataclass
+class _Queue:
+    ops: list[Op] = field(default_factory=list)
+    waiters: list[_Waiter] = field(default_factory=list)
+
+
+class Proposals:
+    def __init__(self, *, max_entry_ops: int = DEFAULT_MAX_ENTRY_OPS) -> None:
+        self._max_entry_ops = max_entry_ops
+        self._queued: dict[int, list[_Queue]] = {}
+        self._in_log: dict[tuple[int, int], _Entry] = {}
+
+    def queue(self, group: int, ops: Sequence[Op]) -> asyncio.Future[list[Outcome]]:
+        """Queue a caller's ops; the future gets one outcome per op once they are applied."""
+        if not ops:
+            raise ValueError("a proposal needs at least one op")
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        queues = self._queued.setdefault(group, [])
+        if not queues or len(queues[-1].ops) + len(ops) > self._max_entry_ops:
+            queues.append(_Queue())
+        tail = queues[-1]
+        tail.ops.extend(ops)
+        tail.waiters.append((len(ops), future))
+        return future
+
+    def take(self) -> Iterator[tuple[int, list[Op], list[_Waiter]]]:
+        """Everything queued, one (group, ops, waiters) per entry to propose; the queues empty.
+
+        Callers that gave up (cancelled futures) are dropped here, before their ops are
+        proposed; once proposed, a write happens even if its caller stopped waiting."""
+        queued, self._queued = self._queued, {}
+        for group, queues in queued.items():
+            for queue in queues:
+                ops: list[Op] = []
+                waiters: list[_Waiter] = []
+                position = 0
+                for size, future in queue.waiters:
+                    if not future.done():
+                        ops.extend(queue.ops[position : position + size])
+                        waiters.append((size, future))
+                    position += size
+                if ops:
+                    yield group, ops, waiters
+
+    def proposed(self, group: int, index: int, term: int, waiters: list[_Waiter]) -> None:
+        self._in_log[(group, index)] = _Entry(term, waiters)
+
+    def refused(self, waiters: list[_Waiter], error: Exception) -> None:
+        """The proposal was not accepted (this node does not lead): nothing was written."""
+        for _, future in waiters:
+            if not future.done():
+                future.set_exception(error)
+
+    def applied(self, group: int, index: int, term: int, outcomes: Sequence[Outcome]) -> None:
+        """Entry ``index`` of ``group`` (of ``term``) was applied with these outcomes."""
+        entry = self._in_log.pop((group, index), None)
+        if entry is None:
+            return
+        if entry.term != term:
+            for _, future in entry.waiters:
+                if not future.done():
+                    future.set_exception(
+                        ProposalLost(
+                            f"group {group}: entry {index} of term {entry.term} was replaced "
+                            f"by term {term}'s"
+                        )
+                    )
+            return
+        position = 0
+        for size, future in entry.waiters:
+            if not future.done():
+                future.set_result(list(outcomes[position : position + size]))
+            position += size
+
+    def fail_all(self, error: Exception) -> None:
+        """Shutdown: nothing more will be applied by this runtime."""
+        for queues in self._queued.values():
+            for queue in queues:
+                self.refused(queue.waiters, error)
+        for entry in self._in_log.values():
+            self.refused(entry.waiters, error)
+        self._queued.clear()
+        self._in_log.clear()
+
+    def in_log(self) -> int:
+        """Entries proposed and not yet applied."""
+        return len(self._in_log)
+
+
+@dataclass
+class _Request:
+    request_id: bytes
+    waiters: list[asyncio.Future[None]]
+    issued_tick: int
+
+
+@dataclass
+class _GroupReads:
+    queued: list[asyncio.Future[None]] = field(default_factory=list)
+    in_flight: _Request | None = None
+    ready: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+    """Reads whose read index is known, waiting for the applied index to reach it."""
+
+
+class Reads:
+    def __init__(self, *, reissue_ticks: int = DEFAULT_REISSUE_TICKS) -> None:
+        self._reissue_ticks = reissue_ticks
+        self._groups: dict[int, _GroupReads] = {}
+        self._ids = count(1)
+        self._tick = 0
+
+    def queue(self, group: int) -> asyncio.Future[None]:
+        """A read of ``group``: the future completes when the read may be served locally."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._groups.setdefault(group, _GroupReads()).queued.append(future)
+        return future
+
+    def tick(self) -> None:
+        self._tick += 1
+
+    def requests(self) -> Iterator[tuple[int, bytes]]:
+        """The ReadIndex requests to issue now: (group, request id) for each group with reads
+        queued and no request in flight (or one unanswered for ``reissue_ticks``)."""
+        for group, reads in self._groups.items():
+            in_flight = reads.in_flight
+            if in_flight is not None:
+                if self._tick - in_flight.issued_tick < self._reissue_ticks:
+                    continue
+                reads.queued[:0] = in_flight.waiters  # asked again, with the newer reads
+                reads.in_flight = None
+            waiting = [future for future in reads.queued if not future.done()]
+            reads.queued = []
+            if not waiting:
+                continue
+            request_id = next(self._ids).to_bytes(8, "big")
+            reads.in_flight = _Request(request_id, waiting, self._tick)
+            yield group, request_id
+
+    def refused(self, group: int, request_id: bytes, error: Exception) -> None:
+        """The request could not be issued (this node does not lead the group)."""
+        reads = self._groups.get(group)
+        if reads is None or reads.in_flight is None or reads.in_flight.request_id != request_id:
+            return
+        for future in reads.in_flight.waiters:
+            if not future.done():
+                future.set_exception(error)
+        reads.in_flight = None
+
+    def read_state(self, group: int, request_id: bytes, index: int, applied: int) -> None:
+        """The core answered ``request_id`` with read index ``index``."""
+        reads = self._groups.get(group)
+        if reads is None or reads.in_flight is None or reads.in_flight.request_id != request_id:
+            return  # an abandoned request: its reads were failed or asked again
+        waiters = reads.in_flight.waiters
+        reads.in_flight = None
+        for future in waiters:
+            if index <= applied:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                reads.ready.append((index, future))
+
+    def applied(self, group: int, applied: int) -> None:
+        reads = self._groups.get(group)
+        if reads is None or not reads.ready:
+            return
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for index, future in reads.ready:
+            if index <= applied:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((index, future))
+        reads.ready = still
+
+    def leader_changed(self, group: int, leader: int) -> None:
+        """The group's leader or term changed: an unanswered request will never be answered."""
+        reads = self._groups.get(group)
+        if reads is None or reads.in_flight is None:
+            return
+        for future in reads.in_flight.waiters:
+            if not future.done():
+                future.set_exception(LeadershipLost(group, leader))
+        reads.in_flight = None
+
+    def fail_all(self, error: Exception) -> None:
+        for reads in self._groups.values():
+            pending = list(reads.queued) + [future for _, future in reads.ready]
+            if reads.in_flight is not None:
+                pending += reads.in_flight.waiters
+            for future in pending:
+                if not future.done():
+                    future.set_exception(error)
+        self._groups.clear()
+
+    def waiting(self) -> int:
+        """Reads not yet answered, all groups."""
+        total = 0
+        for reads in self._groups.values():
+            total += len(reads.queued) + len(reads.ready)
+            if reads.in_flight is not None:
+                total += len(reads.in_flight.waiters)
+        return total

@@ -1,0 +1,284 @@
+"""The replication runtime: one per node, the thin shell that drives every Raft group.
+
+It owns no rule of its own. The driver (``MultiRaft``) decides what each group does, the
+replica store persists and applies, the transport carries messages, and ``pending`` says which
+caller to answer when. The runtime only performs what they decide, in the order the Ready
+contract (``kv_raft``'s package docstring) requires, for all groups at once:
+
+1. On a tick, or as soon as anything arrives (a message, a write, a read, a peer's liveness
+   change), it feeds the driver: messages received since the last cycle, writes queued for
+   each group (one entry per group per cycle), ReadIndex requests.
+2. ``collect()`` gives every group's Ready. One write transaction persists all their log
+   entries, hard states and snapshots and applies all their committed entries, with at most
+   one fsync, in a worker thread (fsync blocks).
+3. Only then are the messages sent (a vote or an append acknowledgement promises durable
+   state), each peer's together.
+4. Callers are answered from what was applied; ``advance`` tells the driver.
+
+Everything that touches the driver runs in the runtime's own task, one cycle at a time, so
+the driver needs no locks; what arrives during a cycle waits in bounded inboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kv_node.replication.command import encode_command
+from kv_node.replication.pending import LeadershipLost, Proposals, Reads
+from kv_node.store import Op, Outcome
+from kv_raft import NO_NODE, Entry, HardState, Message, NotLeader, Ready, Snapshot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TICK_SECONDS = 0.1
+"""One Raft tick. With the core's default election_tick of 10, an election timeout is 1-2 s."""
+MAX_INBOX = 65_536
+"""Messages received and not yet stepped; beyond it new ones are dropped (Raft tolerates
+loss) rather than letting a slow disk grow the node's memory without bound."""
+
+
+class Driver(Protocol):
+    """What the runtime needs of the multi-group driver (``multiraft.MultiRaft``)."""
+
+    def tick(self) -> None: ...
+    def step(self, group: int, message: Message) -> None: ...
+    def propose(self, group: int, data: bytes) -> int: ...
+    def read_index(self, group: int, request_id: bytes) -> None: ...
+    def peer_alive(self, raft_id: int, alive: bool) -> None: ...
+    def term(self, group: int) -> int: ...
+    def leader(self, group: int) -> int: ...
+    def collect(self) -> Sequence[tuple[int, Ready]]: ...
+    def advance(self, readies: Sequence[tuple[int, Ready]]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class GroupWrite:
+    group: int
+    hard_state: HardState | None
+    entries: tuple[Entry, ...]
+    snapshot: Snapshot | None
+    committed: tuple[Entry, ...]
+
+
+class ReplicaStorage(Protocol):
+    """What the runtime needs of the replica store (``storage.ReplicaStore``)."""
+
+    def commit(
+        self, writes: Sequence[GroupWrite], *, sync: bool
+    ) -> Mapping[int, Mapping[int, Sequence[Outcome]]]: ...
+    def applied(self, group: int) -> int: ...
+    def get(self, group: int, key: bytes) -> tuple[bytes, int] | None: ...
+
+
+class Transport(Protocol):
+    """What the runtime needs of the peer transport (``transport.PeerTransport``)."""
+
+    def send(self, peer: str, items: Sequence[tuple[int, Message]]) -> None: ...
+
+
+@dataclass
+class RuntimeStats:
+    cycles: int = 0
+    fsyncs: int = 0
+    entries_applied: int = 0
+    messages_sent: int = 0
+    inbox_dropped: int = 0
+    leader_changes: int = 0
+
+
+@dataclass
+class _Inbox:
+    messages: list[tuple[int, Message]] = field(default_factory=list)
+    liveness: list[tuple[int, bool]] = field(default_factory=list)
+
+
+class ReplicationRuntime:
+    def __init__(
+        self,
+        *,
+        driver: Driver,
+        store: ReplicaStorage,
+        transport: Transport,
+        peers: Mapping[int, str],
+        tick_seconds: float = DEFAULT_TICK_SECONDS,
+        on_leader_change: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``peers`` maps each other member's raft id to its member id (the transport's name)."""
+        self._driver = driver
+        self._store = store
+        self._transport = transport
+        self._peers = dict(peers)
+        self._raft_ids = {member: raft_id for raft_id, member in self._peers.items()}
+        self._tick_seconds = tick_seconds
+        self._on_leader_change = on_leader_change
+        self._proposals = Proposals()
+        self._reads = Reads()
+        self._inbox = _Inbox()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.stats = RuntimeStats()
+
+    # -- what the servicer calls ----------------------------------------------------------------
+    async def write(self, group: int, ops: Sequence[Op]) -> list[Outcome]:
+        """Apply ``ops`` (in order, as one unit) through the group's log; outcomes per op.
+
+        Raises ``LeadershipLost`` (with the leader this node knows) when it does not lead the
+        group, and ``ProposalLost`` when another leader's entry replaced the write's."""
+        self._check_running()
+        future = self._proposals.queue(group, ops)
+        self._wake.set()
+        return await future
+
+    async def read(self, group: int, key: bytes) -> tuple[bytes, int] | None:
+        """A linearizable read: the value and version of ``key`` as of a read index confirmed
+        by a quorum; raises ``LeadershipLost`` when this node does not lead the group."""
+        self._check_running()
+        future = self._reads.queue(group)
+        self._wake.set()
+        await future
+        return self._store.get(group, key)
+
+    def leader(self, group: int) -> str | None:
+        """The member id this node believes leads ``group`` (None when unknown)."""
+        raft_id = self._driver.leader(group)
+        if raft_id == NO_NODE:
+            return None
+        return self._peers.get(raft_id, "self")
+
+    # -- what the transport calls ---------------------------------------------------------------
+    def on_batch(self, sender: str, items: Sequence[tuple[int, Message]]) -> None:
+        inbox = self._inbox.messages
+        room = MAX_INBOX - len(inbox)
+        if room < len(items):
+            self.stats.inbox_dropped += len(items) - max(room, 0)
+            items = items[: max(room, 0)]
+        inbox.extend(items)
+        self._wake.set()
+
+    def on_peer_state(self, peer: str, alive: bool) -> None:
+        raft_id = self._raft_ids.get(peer)
+        if raft_id is not None:
+            self._inbox.liveness.append((raft_id, alive))
+            self._wake.set()
+
+    # -- life -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="replication")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        stopped = RuntimeError("the node is shutting down")
+        self._proposals.fail_all(stopped)
+        self._reads.fail_all(stopped)
+
+    def _check_running(self) -> None:
+        if self._task is None or self._stopping:
+            raise RuntimeError("the replication runtime is not running")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self._tick_seconds
+        while not self._stopping:
+            wait = next_tick - loop.time()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            if self._stopping:
+                break
+            now = loop.time()
+            if now >= next_tick:
+                self._driver.tick()
+                self._reads.tick()
+                # A late cycle (a slow fsync) skips ticks rather than bunching them: time in
+                # Raft is a lower bound, and bunched ticks would start elections at once.
+                next_tick = max(next_tick + self._tick_seconds, now)
+            try:
+                await self._cycle()
+            except Exception:
+                # The store failed (fsync, a full disk): what reached the disk is unknown, so
+                # going on could break a promise already made. Stop replicating, as etcd does.
+                log.exception("replication stopped: a cycle failed")
+                self._stopping = True
+                raise
+
+    async def _cycle(self) -> None:
+        driver = self._driver
+        inbox, self._inbox = self._inbox, _Inbox()
+        for raft_id, alive in inbox.liveness:
+            driver.peer_alive(raft_id, alive)
+        for group, message in inbox.messages:
+            driver.step(group, message)
+        for group, ops, waiters in self._proposals.take():
+            try:
+                index = driver.propose(group, encode_command(ops))
+            except NotLeader as refused:
+                self._proposals.refused(waiters, LeadershipLost(group, refused.leader))
+                continue
+            self._proposals.proposed(group, index, driver.term(group), waiters)
+        for group, request_id in self._reads.requests():
+            try:
+                driver.read_index(group, request_id)
+            except NotLeader as refused:
+                self._reads.refused(group, request_id, LeadershipLost(group, refused.leader))
+        readies = driver.collect()
+        if not readies:
+            return
+        writes = [
+            GroupWrite(group, rd.hard_state, rd.entries, rd.snapshot, rd.committed_entries)
+            for group, rd in readies
+        ]
+        sync = any(rd.must_sync for _, rd in readies)
+        results = await asyncio.to_thread(self._store.commit, writes, sync=sync)
+        self.stats.cycles += 1
+        self.stats.fsyncs += sync
+        self._send(readies)
+        self._answer(readies, results)
+        driver.advance(readies)
+
+    def _send(self, readies: Sequence[tuple[int, Ready]]) -> None:
+        by_peer: dict[int, list[tuple[int, Message]]] = {}
+        for group, rd in readies:
+            for message in rd.messages:
+                by_peer.setdefault(message.to, []).append((group, message))
+        for raft_id, items in by_peer.items():
+            peer = self._peers.get(raft_id)
+            if peer is not None:
+                self._transport.send(peer, items)
+                self.stats.messages_sent += len(items)
+
+    def _answer(
+        self,
+        readies: Sequence[tuple[int, Ready]],
+        results: Mapping[int, Mapping[int, Sequence[Outcome]]],
+    ) -> None:
+        proposals = self._proposals
+        reads = self._reads
+        for group, rd in readies:
+            if rd.soft_state is not None:
+                # A ReadIndex request is lost with the leadership: only a role or leader
+                # change can end a leadership (a new term always comes with one).
+                leader = rd.soft_state.leader
+                reads.leader_changed(group, leader)
+                self.stats.leader_changes += 1
+                if self._on_leader_change is not None:
+                    self._on_leader_change(group, leader)
+            outcomes = results.get(group, {})
+            for entry in rd.committed_entries:
+                proposals.applied(group, entry.index, entry.term, outcomes.get(entry.index, ()))
+            self.stats.entries_applied += len(rd.committed_entries)
+            applied = self._store.applied(group)
+            for state in rd.read_states:
+                reads.read_state(group, state.request_id, state.index, applied)
+            reads.applied(group, applied)
