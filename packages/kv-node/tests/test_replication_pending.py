@@ -9,7 +9,13 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from kv_node.replication.pending import LeadershipLost, ProposalLost, Proposals, Reads
+from kv_node.replication.pending import (
+    EntryFailed,
+    LeadershipLost,
+    ProposalLost,
+    Proposals,
+    Reads,
+)
 from kv_node.store import GetOp, PutOp, ReadResult, WriteResult
 
 TIMEOUT = 10.0
@@ -175,5 +181,19 @@ def test_a_read_index_already_applied_is_served_at_once() -> None:
         ((_, request_id),) = list(reads.requests())
         reads.read_state(4, request_id, index=3, applied=7)
         assert read.done() and read.exception() is None
+
+    run(scenario)
+
+
+def test_an_entry_applied_as_a_failure_fails_its_callers() -> None:
+    async def scenario() -> None:
+        proposals = Proposals()
+        future = proposals.queue(1, [PutOp(b"k", b"v")])
+        ((group, _, waiters),) = proposals.take()
+        proposals.proposed(group, 3, 1, waiters)
+        proposals.failed(1, 3, 1, "the command did not decode")
+        with pytest.raises(EntryFailed, match="did not decode"):
+            await future
+        assert proposals.in_log() == 0
 
     run(scenario)

@@ -21,9 +21,9 @@ elections, and every event that needs an election wakes the groups concerned:
   its lease.
 * A group wakes on a local proposal or read, on any request from a peer (and on a response
   that leaves it work), when its leader's node dies (then its followers forget that leader and
-  the group's successor campaigns at once), and, for a leader, when a follower's node comes back (to catch it up, or to tell a
-  resumed stale leader the new term) or when too few of its voters' nodes are alive (so that it
-  steps down instead of advertising a leadership it lost).
+  the group's successor campaigns at once), and, for a leader, when a follower's node comes
+  back (to catch it up, or to tell a resumed stale leader the new term) or when too few of its
+  voters' nodes are alive (so that it steps down instead of advertising a leadership it lost).
 
 The runtime calls ``tick``, ``step``, ``propose``, ``read_index`` and ``peer_alive`` as things
 happen, and in each cycle ``collect`` (every group's Ready, and their messages grouped by

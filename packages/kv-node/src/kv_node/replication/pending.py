@@ -41,6 +41,11 @@ class ProposalLost(Exception):
     happen, and retrying it is safe."""
 
 
+class EntryFailed(Exception):
+    """The entry holding this write was applied as a failure (its command did not decode):
+    the same on every replica, and nothing of it was written."""
+
+
 class LeadershipLost(Exception):
     """This node stopped leading the group (or never did) before the call could finish.
 
@@ -118,24 +123,37 @@ class Proposals:
 
     def applied(self, group: int, index: int, term: int, outcomes: Sequence[Outcome]) -> None:
         """Entry ``index`` of ``group`` (of ``term``) was applied with these outcomes."""
-        entry = self._in_log.pop((group, index), None)
+        entry = self._ours(group, index, term)
         if entry is None:
-            return
-        if entry.term != term:
-            for _, future in entry.waiters:
-                if not future.done():
-                    future.set_exception(
-                        ProposalLost(
-                            f"group {group}: entry {index} of term {entry.term} was replaced "
-                            f"by term {term}'s"
-                        )
-                    )
             return
         position = 0
         for size, future in entry.waiters:
             if not future.done():
                 future.set_result(list(outcomes[position : position + size]))
             position += size
+
+    def failed(self, group: int, index: int, term: int, error: str) -> None:
+        """Entry ``index`` of ``group`` was applied as a failure (see ``EntryFailed``)."""
+        entry = self._ours(group, index, term)
+        if entry is not None:
+            self.refused(entry.waiters, EntryFailed(f"group {group}, entry {index}: {error}"))
+
+    def _ours(self, group: int, index: int, term: int) -> _Entry | None:
+        """The waiting entry applied at (group, index) if it is the one applied; callers of
+        an entry replaced by another leader's are failed with ``ProposalLost`` here."""
+        entry = self._in_log.pop((group, index), None)
+        if entry is None:
+            return None
+        if entry.term != term:
+            self.refused(
+                entry.waiters,
+                ProposalLost(
+                    f"group {group}: entry {index} of term {entry.term} was replaced by term "
+                    f"{term}'s"
+                ),
+            )
+            return None
+        return entry
 
     def fail_all(self, error: Exception) -> None:
         """Shutdown: nothing more will be applied by this runtime."""

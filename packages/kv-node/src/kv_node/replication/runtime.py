@@ -22,15 +22,18 @@ the driver needs no locks; what arrives during a cycle waits in bounded inboxes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kv_node.replication.command import encode_command
+from kv_node.replication.multiraft import Cycle, MultiRaft
 from kv_node.replication.pending import LeadershipLost, Proposals, Reads
+from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
 from kv_node.store import Op, Outcome
-from kv_raft import NO_NODE, Entry, HardState, Message, NotLeader, Ready, Snapshot
+from kv_raft import NO_NODE, Message, NotLeader
 
 log = logging.getLogger(__name__)
 
@@ -41,49 +44,17 @@ MAX_INBOX = 65_536
 loss) rather than letting a slow disk grow the node's memory without bound."""
 
 
-class Driver(Protocol):
-    """What the runtime needs of the multi-group driver (``multiraft.MultiRaft``)."""
-
-    def tick(self) -> None: ...
-    def step(self, group: int, message: Message) -> None: ...
-    def propose(self, group: int, data: bytes) -> int: ...
-    def read_index(self, group: int, request_id: bytes) -> None: ...
-    def peer_alive(self, raft_id: int, alive: bool) -> None: ...
-    def term(self, group: int) -> int: ...
-    def leader(self, group: int) -> int: ...
-    def collect(self) -> Sequence[tuple[int, Ready]]: ...
-    def advance(self, readies: Sequence[tuple[int, Ready]]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class GroupWrite:
-    group: int
-    hard_state: HardState | None
-    entries: tuple[Entry, ...]
-    snapshot: Snapshot | None
-    committed: tuple[Entry, ...]
-
-
-class ReplicaStorage(Protocol):
-    """What the runtime needs of the replica store (``storage.ReplicaStore``)."""
-
-    def commit(
-        self, writes: Sequence[GroupWrite], *, sync: bool
-    ) -> Mapping[int, Mapping[int, Sequence[Outcome]]]: ...
-    def applied(self, group: int) -> int: ...
-    def get(self, group: int, key: bytes) -> tuple[bytes, int] | None: ...
-
-
 class Transport(Protocol):
     """What the runtime needs of the peer transport (``transport.PeerTransport``)."""
 
-    def send(self, peer: str, items: Sequence[tuple[int, Message]]) -> None: ...
+    def send(self, peer: str, items: Sequence[tuple[int, Message]]) -> None:
+        """Queue ``items`` (group, message) for ``peer``; never blocks, drops when full."""
+        ...
 
 
 @dataclass
 class RuntimeStats:
     cycles: int = 0
-    fsyncs: int = 0
     entries_applied: int = 0
     messages_sent: int = 0
     inbox_dropped: int = 0
@@ -100,8 +71,8 @@ class ReplicationRuntime:
     def __init__(
         self,
         *,
-        driver: Driver,
-        store: ReplicaStorage,
+        driver: MultiRaft,
+        store: ReplicaStore,
         transport: Transport,
         peers: Mapping[int, str],
         tick_seconds: float = DEFAULT_TICK_SECONDS,
@@ -152,6 +123,7 @@ class ReplicationRuntime:
 
     # -- what the transport calls ---------------------------------------------------------------
     def on_batch(self, sender: str, items: Sequence[tuple[int, Message]]) -> None:
+        """Messages from ``sender``, stepped at the start of the next cycle."""
         inbox = self._inbox.messages
         room = MAX_INBOX - len(inbox)
         if room < len(items):
@@ -190,10 +162,8 @@ class ReplicationRuntime:
         while not self._stopping:
             wait = next_tick - loop.time()
             if wait > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
             self._wake.clear()
             if self._stopping:
                 break
@@ -232,40 +202,28 @@ class ReplicationRuntime:
                 driver.read_index(group, request_id)
             except NotLeader as refused:
                 self._reads.refused(group, request_id, LeadershipLost(group, refused.leader))
-        readies = driver.collect()
-        if not readies:
+        cycle = driver.collect()
+        if cycle.is_empty:
             return
-        writes = [
-            GroupWrite(group, rd.hard_state, rd.entries, rd.snapshot, rd.committed_entries)
-            for group, rd in readies
-        ]
-        sync = any(rd.must_sync for _, rd in readies)
-        results = await asyncio.to_thread(self._store.commit, writes, sync=sync)
+        writes = [GroupWrite.from_ready(item.group, item.ready) for item in cycle.readies]
+        results = await asyncio.to_thread(self._store.commit, writes)
         self.stats.cycles += 1
-        self.stats.fsyncs += sync
-        self._send(readies)
-        self._answer(readies, results)
-        driver.advance(readies)
+        self._send(cycle)
+        self._answer(cycle, results)
+        driver.advance(cycle)
 
-    def _send(self, readies: Sequence[tuple[int, Ready]]) -> None:
-        by_peer: dict[int, list[tuple[int, Message]]] = {}
-        for group, rd in readies:
-            for message in rd.messages:
-                by_peer.setdefault(message.to, []).append((group, message))
-        for raft_id, items in by_peer.items():
+    def _send(self, cycle: Cycle) -> None:
+        for raft_id, messages in cycle.outbox.items():
             peer = self._peers.get(raft_id)
             if peer is not None:
-                self._transport.send(peer, items)
-                self.stats.messages_sent += len(items)
+                self._transport.send(peer, [(item.group, item.message) for item in messages])
+                self.stats.messages_sent += len(messages)
 
-    def _answer(
-        self,
-        readies: Sequence[tuple[int, Ready]],
-        results: Mapping[int, Mapping[int, Sequence[Outcome]]],
-    ) -> None:
+    def _answer(self, cycle: Cycle, results: CommitResult) -> None:
         proposals = self._proposals
         reads = self._reads
-        for group, rd in readies:
+        for item in cycle.readies:
+            group, rd = item.group, item.ready
             if rd.soft_state is not None:
                 # A ReadIndex request is lost with the leadership: only a role or leader
                 # change can end a leadership (a new term always comes with one).
@@ -274,9 +232,15 @@ class ReplicationRuntime:
                 self.stats.leader_changes += 1
                 if self._on_leader_change is not None:
                     self._on_leader_change(group, leader)
-            outcomes = results.get(group, {})
-            for entry in rd.committed_entries:
-                proposals.applied(group, entry.index, entry.term, outcomes.get(entry.index, ()))
+            for applied_entry in results.get(group, ()):
+                if applied_entry.error is not None:
+                    proposals.failed(
+                        group, applied_entry.index, applied_entry.term, applied_entry.error
+                    )
+                else:
+                    proposals.applied(
+                        group, applied_entry.index, applied_entry.term, applied_entry.outcomes
+                    )
             self.stats.entries_applied += len(rd.committed_entries)
             applied = self._store.applied(group)
             for state in rd.read_states:
