@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,7 +33,7 @@ from kv_node.replication.multiraft import Cycle, MultiRaft
 from kv_node.replication.pending import LeadershipLost, Proposals, Reads
 from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
 from kv_node.store import Op, Outcome
-from kv_raft import NO_NODE, Message, NotLeader
+from kv_raft import Message, NotLeader
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ loss) rather than letting a slow disk grow the node's memory without bound."""
 class Transport(Protocol):
     """What the runtime needs of the peer transport (``transport.PeerTransport``)."""
 
-    def send(self, peer: str, items: Sequence[tuple[int, Message]]) -> None:
+    def send(self, peer: int, items: Sequence[tuple[int, Message]]) -> None:
         """Queue ``items`` (group, message) for ``peer``; never blocks, drops when full."""
         ...
 
@@ -74,16 +74,13 @@ class ReplicationRuntime:
         driver: MultiRaft,
         store: ReplicaStore,
         transport: Transport,
-        peers: Mapping[int, str],
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         on_leader_change: Callable[[int, int], None] | None = None,
     ) -> None:
-        """``peers`` maps each other member's raft id to its member id (the transport's name)."""
+        """Peers are named by raft id everywhere (``transport.raft_node_ids``)."""
         self._driver = driver
         self._store = store
         self._transport = transport
-        self._peers = dict(peers)
-        self._raft_ids = {member: raft_id for raft_id, member in self._peers.items()}
         self._tick_seconds = tick_seconds
         self._on_leader_change = on_leader_change
         self._proposals = Proposals()
@@ -114,15 +111,12 @@ class ReplicationRuntime:
         await future
         return self._store.get(group, key)
 
-    def leader(self, group: int) -> str | None:
-        """The member id this node believes leads ``group`` (None when unknown)."""
-        raft_id = self._driver.leader(group)
-        if raft_id == NO_NODE:
-            return None
-        return self._peers.get(raft_id, "self")
+    def leader(self, group: int) -> int:
+        """The raft id this node believes leads ``group`` (``NO_NODE`` when unknown)."""
+        return self._driver.leader(group)
 
     # -- what the transport calls ---------------------------------------------------------------
-    def on_batch(self, sender: str, items: Sequence[tuple[int, Message]]) -> None:
+    def on_batch(self, sender: int, items: Sequence[tuple[int, Message]]) -> None:
         """Messages from ``sender``, stepped at the start of the next cycle."""
         inbox = self._inbox.messages
         room = MAX_INBOX - len(inbox)
@@ -132,11 +126,9 @@ class ReplicationRuntime:
         inbox.extend(items)
         self._wake.set()
 
-    def on_peer_state(self, peer: str, alive: bool) -> None:
-        raft_id = self._raft_ids.get(peer)
-        if raft_id is not None:
-            self._inbox.liveness.append((raft_id, alive))
-            self._wake.set()
+    def on_peer_state(self, peer: int, alive: bool) -> None:
+        self._inbox.liveness.append((peer, alive))
+        self._wake.set()
 
     # -- life -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -214,10 +206,8 @@ class ReplicationRuntime:
 
     def _send(self, cycle: Cycle) -> None:
         for raft_id, messages in cycle.outbox.items():
-            peer = self._peers.get(raft_id)
-            if peer is not None:
-                self._transport.send(peer, [(item.group, item.message) for item in messages])
-                self.stats.messages_sent += len(messages)
+            self._transport.send(raft_id, [(item.group, item.message) for item in messages])
+            self.stats.messages_sent += len(messages)
 
     def _answer(self, cycle: Cycle, results: CommitResult) -> None:
         proposals = self._proposals

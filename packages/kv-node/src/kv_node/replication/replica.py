@@ -1,0 +1,150 @@
+"""One node's replication, assembled: replica store, multi-group driver, transport, runtime.
+
+Which groups a node hosts follows from the cluster map alone: partition ``p`` is a Raft group
+over ``placement.replicas(p)``, and a member's raft id is its position in the sorted member
+ids (``transport.raft_node_ids``). Every node computes the same groups and ids, and peers whose
+maps differ refuse each other's streams (``kv_common.fingerprint``), so two nodes never
+disagree about who is who.
+
+Start order: the store is opened and every hosted group founded (a no-op after the first
+start), the driver is built from what the store holds (``applied`` per group, so no entry is
+applied twice after a restart), each group's preferred replica campaigns at once (leaders
+spread over the nodes; with PreVote a restarted node cannot disrupt a live leader this way),
+then the transport and the runtime start.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from kv_common.cluster_map import ClusterMap
+from kv_node.replication.multiraft import MultiRaft
+from kv_node.replication.runtime import DEFAULT_TICK_SECONDS, ReplicationRuntime
+from kv_node.replication.storage import ReplicaStore
+from kv_node.replication.transport import PeerTransport, TransportConfig, raft_node_ids
+from kv_node.store import Op, Outcome
+from kv_raft import NO_NODE, ConfState, Message
+from kv_raft.types import DEFAULT_ELECTION_TICK, DEFAULT_HEARTBEAT_TICK
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    tick_seconds: float = DEFAULT_TICK_SECONDS
+    election_tick: int = DEFAULT_ELECTION_TICK
+    heartbeat_tick: int = DEFAULT_HEARTBEAT_TICK
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    seed: int | None = None
+    """Election jitter seed; None draws one (tests pin it to replay)."""
+
+
+class Replication:
+    """Everything a node needs to serve replicated partitions; see the module docstring."""
+
+    def __init__(
+        self,
+        member_id: str,
+        cluster_map: ClusterMap,
+        store: ReplicaStore,
+        config: ReplicationConfig,
+    ) -> None:
+        ids = raft_node_ids(cluster_map)
+        if member_id not in ids:
+            raise ValueError(f"{member_id!r} is not a member of the cluster map")
+        self.member_id = member_id
+        self.raft_id = ids[member_id]
+        self.cluster_map = cluster_map
+        self.members = {raft_id: member for member, raft_id in ids.items()}
+        placement = cluster_map.placement
+        groups = {
+            p: tuple(ids[replica] for replica in placement.replicas(p))
+            for p in range(cluster_map.partitions)
+            if member_id in placement.replicas(p)
+        }
+        store.bootstrap({g: ConfState(voters=frozenset(voters)) for g, voters in groups.items()})
+        self.store = store
+        seed = config.seed if config.seed is not None else random.SystemRandom().getrandbits(32)
+        self.driver = MultiRaft(
+            self.raft_id,
+            groups,
+            {g: store.group(g) for g in groups},
+            seed=seed,
+            election_tick=config.election_tick,
+            heartbeat_tick=config.heartbeat_tick,
+            applied={g: store.applied(g) for g in groups},
+        )
+        self.transport = PeerTransport(
+            self.raft_id,
+            cluster_map,
+            self._on_batch,
+            self._on_peer_state,
+            config=config.transport,
+            rng=random.Random(seed),
+        )
+        self.runtime = ReplicationRuntime(
+            driver=self.driver,
+            store=store,
+            transport=self.transport,
+            tick_seconds=config.tick_seconds,
+        )
+
+    @classmethod
+    def open(
+        cls,
+        member_id: str,
+        cluster_map: ClusterMap,
+        path: Path,
+        *,
+        map_size: int,
+        config: ReplicationConfig | None = None,
+    ) -> Replication:
+        store = ReplicaStore.open(path, map_size=map_size)
+        try:
+            return cls(member_id, cluster_map, store, config or ReplicationConfig())
+        except BaseException:
+            store.close()
+            raise
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve the peers' Raft streams on ``server`` (before it starts)."""
+        self.transport.add_to_server(server)
+
+    def start(self) -> None:
+        """Start replicating (inside the running event loop)."""
+        self.driver.campaign_preferred()
+        self.transport.start()
+        self.runtime.start()
+
+    async def stop(self) -> None:
+        """Stop the runtime (its callers are failed), then the transport; close the store."""
+        await self.runtime.stop()
+        await self.transport.close()
+        self.store.close()
+
+    # -- requests --------------------------------------------------------------------------------
+    def group_of(self, key: bytes) -> int:
+        return self.cluster_map.placement.partition_of(key)
+
+    def hosts(self, group: int) -> bool:
+        return group in self.driver.groups
+
+    async def write(self, group: int, ops: list[Op]) -> list[Outcome]:
+        return await self.runtime.write(group, ops)
+
+    async def read(self, group: int, key: bytes) -> tuple[bytes, int] | None:
+        return await self.runtime.read(group, key)
+
+    def leader(self, group: int) -> str | None:
+        """The member this node believes leads ``group``; None when it knows of none."""
+        raft_id = self.runtime.leader(group)
+        return None if raft_id == NO_NODE else self.members.get(raft_id)
+
+    # -- transport callbacks -----------------------------------------------------------------------
+    def _on_batch(self, peer: int, items: list[tuple[int, Message]]) -> None:
+        self.runtime.on_batch(peer, items)
+
+    def _on_peer_state(self, peer: int, alive: bool) -> None:
+        self.runtime.on_peer_state(peer, alive)
