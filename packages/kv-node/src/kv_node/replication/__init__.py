@@ -1,0 +1,1 @@
+"""Replication: every partition a Raft group (see docs/replication.md)."""
