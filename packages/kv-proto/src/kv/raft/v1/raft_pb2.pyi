@@ -141,6 +141,7 @@ class Hello(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     MAP_FINGERPRINT_FIELD_NUMBER: _builtins.int
     MAP_DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """Raft node id of the node that sends this Hello."""
     member_id: _builtins.str
@@ -149,6 +150,8 @@ class Hello(_message.Message):
     """kv_common.fingerprint digest of the sender's cluster map."""
     map_description: _builtins.str
     """What the fingerprint covers, for the line that reports a mismatch."""
+    address: _builtins.str
+    """host:port the sender serves on, as its own map lists it (for logs too)."""
     def __init__(
         self,
         *,
@@ -156,10 +159,11 @@ class Hello(_message.Message):
         member_id: _builtins.str = ...,
         map_fingerprint: _builtins.bytes = ...,
         map_description: _builtins.str = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["map_description", b"map_description", "map_fingerprint", b"map_fingerprint", "member_id", b"member_id", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "map_description", b"map_description", "map_fingerprint", b"map_fingerprint", "member_id", b"member_id", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
