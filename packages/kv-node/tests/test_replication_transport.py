@@ -384,8 +384,8 @@ def test_liveness_follows_frames() -> None:
         # the observation (nothing may happen during it), not a synchronisation.
         beats = b.transport.stats.heartbeats_sent
         await asyncio.sleep(5 * DEAD_AFTER)
-        assert b.transport.stats.heartbeats_sent >= beats + 5 * DEAD_AFTER / HEARTBEAT / 2
         assert a.recorder.peer_states == [(2, True)] and a.transport.alive(2)
+        assert b.transport.stats.heartbeats_sent >= beats + 5 * DEAD_AFTER / HEARTBEAT / 2
 
         loop = asyncio.get_running_loop()
         stopped = loop.time()

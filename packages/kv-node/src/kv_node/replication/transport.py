@@ -382,6 +382,9 @@ class PeerTransport:
                 outcome = await self._session(link)
             except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
                 self._log_link_failure(link, exc)
+            except Exception:
+                # A bug of ours: say so, but keep the peer's sender alive.
+                log.exception("sender to %s at %s failed", link.member_id, link.address)
             finally:
                 self._set_connected(link, False)
             if outcome == "accepted":
@@ -590,7 +593,7 @@ class PeerTransport:
         idle_timeout = self._dead_after * IDLE_STREAM_FACTOR
         while not self._closed:
             data = await self._read(context, idle_timeout)
-            if data is None:
+            if data is None or self._closed:
                 return
             request = parse_request(data)
             if request.WhichOneof("kind") != "batch":
