@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -501,3 +501,68 @@ def test_close_leaves_no_task_and_no_open_channel(monkeypatch: pytest.MonkeyPatc
     run(scenario)
     assert len(opened) == 6
     assert {id(c) for c in opened} == {id(c) for c in closed}
+
+
+def test_a_stream_that_never_says_hello_is_ended() -> None:
+    async def silent(release: asyncio.Event) -> AsyncIterator[bytes]:
+        await release.wait()
+        yield b""
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2, connect_timeout=0.2)
+        release = asyncio.Event()
+        async with grpc.aio.insecure_channel(cluster.nodes[1].address) as channel:
+            method: grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+            method = channel.stream_stream(STREAM_METHOD)
+            call = method(silent(release), timeout=EVENT_TIMEOUT)
+            # Ended by the receiver's Hello deadline, long before the call's own deadline.
+            async with asyncio.timeout(EVENT_TIMEOUT / 5):
+                assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            release.set()
+
+    run(scenario)
+
+
+class BlockedContext:
+    """Stands in for a grpc.aio servicer context whose client never sends anything."""
+
+    def __init__(self) -> None:
+        self.aborted: grpc.StatusCode | None = None
+        self._never = asyncio.Event()
+
+    async def read(self) -> bytes:
+        await self._never.wait()
+        raise AssertionError("unreachable")
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = code
+        raise RuntimeError(details)
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def test_inbound_streams_are_bounded() -> None:
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster_map = make_map([1, 2, 3])
+        transport = PeerTransport(1, cluster_map, lambda p, i: None, lambda p, a: None)
+        serve: Any = transport._serve_stream  # the handler that add_to_server registers
+        limit = 2 * 2 + 4  # two per peer and four spare: see INBOUND_STREAMS_PER_PEER
+        held = [asyncio.create_task(serve(None, BlockedContext())) for _ in range(limit)]
+        await asyncio.sleep(0)  # one loop turn: each handler has counted itself (no time passes)
+        refused = BlockedContext()
+        with pytest.raises(RuntimeError, match="too many"):
+            await serve(None, refused)
+        assert refused.aborted == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert transport.stats.inbound_streams_refused == 1
+        for task in held:
+            task.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        admitted = BlockedContext()
+        task = asyncio.create_task(serve(None, admitted))
+        await asyncio.sleep(0)
+        assert admitted.aborted is None and transport.stats.inbound_streams_refused == 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario)
