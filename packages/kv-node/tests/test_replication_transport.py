@@ -21,6 +21,7 @@ import pytest
 from kv.raft.v1 import raft_pb2
 from kv_common.cluster_map import ClusterMap, Member
 from kv_common.fingerprint import map_fingerprint
+from kv_node.replication import transport as transport_module
 from kv_node.replication.codec import encode_message
 from kv_node.replication.transport import STREAM_METHOD, PeerTransport, raft_node_ids
 from kv_raft import Entry, Message, MessageType
@@ -564,5 +565,31 @@ def test_inbound_streams_are_bounded() -> None:
         assert admitted.aborted is None and transport.stats.inbound_streams_refused == 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario)
+
+
+def test_a_message_above_the_frame_size_goes_alone_and_one_above_the_limit_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport_module, "MAX_MESSAGE_BYTES", 200_000)
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2, max_frame_bytes=16 * 1024)
+        await cluster.connected(1, 2)
+        a, b = cluster.nodes[1], cluster.nodes[2]
+        a.transport.send(
+            2,
+            [
+                (0, append(1, 2, 1, b"s" * 100)),
+                (0, append(1, 2, 2, b"L" * 100_000)),  # above a frame, below the limit
+                (0, append(1, 2, 3, b"X" * 300_000)),  # above the limit
+                (0, append(1, 2, 4, b"s" * 100)),
+            ],
+        )
+        await b.recorder.until(lambda: len(b.recorder.messages_from(1)) == 3)
+        assert [[m.index for _, m in items] for _, items in b.recorder.batches] == [[1], [2], [4]]
+        assert [[m.index for _, m in items] for _, items in a.recorder.dropped] == [[3]]
+        assert a.transport.stats.messages_dropped == 1
 
     run(scenario)

@@ -38,6 +38,12 @@ no gRPC deadline, because it is meant to live as long as both nodes do.
 Inbound requests are decoded here (the servicer takes raw bytes), so that bytes that do not
 parse are a ``CodecError`` like any other invalid input: the receiver refuses that stream with
 INVALID_ARGUMENT, logs and counts it, and goes on serving every other stream.
+
+``on_batch`` is called synchronously for each frame, in the order the sender queued its
+messages, so what a stream holds in memory is one frame plus gRPC's flow-control window; the
+runtime must hand the items on quickly (to its own bounded inbox) and never block. The node's
+gRPC server must accept requests of ``MAX_REQUEST_BYTES`` (its ``max_receive_message_length``),
+or a frame carrying one large entry would be refused by gRPC itself, again on every retry.
 """
 
 from __future__ import annotations
