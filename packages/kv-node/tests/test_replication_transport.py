@@ -23,7 +23,12 @@ from kv_common.cluster_map import ClusterMap, Member
 from kv_common.fingerprint import map_fingerprint
 from kv_node.replication import transport as transport_module
 from kv_node.replication.codec import encode_message
-from kv_node.replication.transport import STREAM_METHOD, PeerTransport, raft_node_ids
+from kv_node.replication.transport import (
+    STREAM_METHOD,
+    PeerTransport,
+    TransportConfig,
+    raft_node_ids,
+)
 from kv_raft import Entry, Message, MessageType
 
 EVENT_TIMEOUT = 10.0
@@ -32,6 +37,11 @@ HEARTBEAT = 0.02
 DEAD_AFTER = 0.15
 BACKOFF_MAX = 0.2
 PARTITIONS = 8
+BASE_CONFIG: dict[str, Any] = {
+    "heartbeat_interval": HEARTBEAT,
+    "dead_after": DEAD_AFTER,
+    "backoff_max": BACKOFF_MAX,
+}
 
 Items = list[tuple[int, Message]]
 
@@ -131,13 +141,7 @@ class Cluster:
             on_dropped=recorder.on_dropped,
             on_link_state=recorder.on_link_state,
             on_map_mismatch=recorder.on_map_mismatch,
-            **{
-                "heartbeat_interval": HEARTBEAT,
-                "dead_after": DEAD_AFTER,
-                "backoff_max": BACKOFF_MAX,
-                "connect_timeout": 2.0,
-                **self.options,
-            },
+            config=TransportConfig(**{**BASE_CONFIG, **self.options}),
         )
         transport.add_to_server(server)
         await server.start()
@@ -597,3 +601,19 @@ def test_a_message_above_the_frame_size_goes_alone_and_one_above_the_limit_is_dr
         assert a.transport.stats.messages_dropped == 1
 
     run(scenario)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"heartbeat_interval": 1.0, "dead_after": 1.0},
+        {"heartbeat_interval": 0.0},
+        {"backoff_initial": 3.0, "backoff_max": 2.0},
+        {"connect_timeout": 0.0},
+        {"max_queue_messages": 0},
+        {"max_frame_bytes": 10**9},
+    ],
+)
+def test_config_that_cannot_work_is_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        TransportConfig(**bad).validate()

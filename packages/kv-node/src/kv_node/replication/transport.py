@@ -68,6 +68,7 @@ from kv_raft import Message
 __all__ = [
     "SERVICE_NAME",
     "PeerTransport",
+    "TransportConfig",
     "TransportStats",
     "raft_node_ids",
 ]
@@ -152,6 +153,37 @@ class TransportStats:
     """Inbound streams refused because too many were open."""
 
 
+@dataclass(frozen=True)
+class TransportConfig:
+    """The transport's intervals and bounds (defaults: the module constants, documented there).
+
+    Tests shrink the intervals to milliseconds; the node maps its flags onto these fields.
+    """
+
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    dead_after: float = DEFAULT_DEAD_AFTER
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL
+    backoff_max: float = DEFAULT_BACKOFF_MAX
+    max_queue_messages: int = MAX_QUEUE_MESSAGES
+    max_queue_bytes: int = MAX_QUEUE_BYTES
+    max_frame_messages: int = MAX_FRAME_MESSAGES
+    max_frame_bytes: int = MAX_FRAME_BYTES
+
+    def validate(self) -> None:
+        if not 0 < self.heartbeat_interval < self.dead_after:
+            raise ValueError("heartbeat_interval must be positive and below dead_after")
+        if not 0 < self.backoff_initial <= self.backoff_max:
+            raise ValueError("backoffs must be positive, the initial one at most the cap")
+        if min(self.connect_timeout, self.write_timeout) <= 0:
+            raise ValueError("timeouts must be positive")
+        if min(self.max_queue_messages, self.max_frame_messages) <= 0:
+            raise ValueError("message bounds must be positive")
+        if not 0 < self.max_frame_bytes <= MAX_REQUEST_BYTES:
+            raise ValueError(f"max_frame_bytes must be in 1..{MAX_REQUEST_BYTES}")
+
+
 def _approximate_size(message: Message) -> int:
     size = _ESTIMATED_MESSAGE_OVERHEAD + len(message.context)
     for entry in message.entries:
@@ -209,24 +241,15 @@ class PeerTransport:
         on_dropped: DropCallback | None = None,
         on_link_state: PeerStateCallback | None = None,
         on_map_mismatch: MismatchCallback | None = None,
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
-        dead_after: float = DEFAULT_DEAD_AFTER,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        write_timeout: float = DEFAULT_WRITE_TIMEOUT,
-        backoff_initial: float = DEFAULT_BACKOFF_INITIAL,
-        backoff_max: float = DEFAULT_BACKOFF_MAX,
-        max_queue_messages: int = MAX_QUEUE_MESSAGES,
-        max_queue_bytes: int = MAX_QUEUE_BYTES,
-        max_frame_messages: int = MAX_FRAME_MESSAGES,
-        max_frame_bytes: int = MAX_FRAME_BYTES,
+        config: TransportConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
         ids = raft_node_ids(cluster_map)
         members = {raft_id: member_id for member_id, raft_id in ids.items()}
         if node_id not in members:
             raise ValueError(f"node {node_id} is not in the cluster map (ids 1..{len(ids)})")
-        if not 0 < heartbeat_interval < dead_after:
-            raise ValueError("heartbeat_interval must be positive and below dead_after")
+        self.config = config or TransportConfig()
+        self.config.validate()
         self.node_id = node_id
         self.member_id = members[node_id]
         self.address = cluster_map.address_of(self.member_id)
@@ -247,16 +270,6 @@ class PeerTransport:
         self._on_dropped = on_dropped
         self._on_link_state = on_link_state
         self._on_map_mismatch = on_map_mismatch
-        self._heartbeat_interval = heartbeat_interval
-        self._dead_after = dead_after
-        self._connect_timeout = connect_timeout
-        self._write_timeout = write_timeout
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._max_queue_messages = max_queue_messages
-        self._max_queue_bytes = max_queue_bytes
-        self._max_frame_messages = max_frame_messages
-        self._max_frame_bytes = max_frame_bytes
         self._rng = rng or random.Random()
         self.stats = TransportStats()
         self._links = {
@@ -286,7 +299,9 @@ class PeerTransport:
             raise RuntimeError("PeerTransport already started")
         self._started = True
         for link in self._links.values():
-            link.channel = grpc.aio.insecure_channel(link.address, options=_channel_options())
+            link.channel = grpc.aio.insecure_channel(
+                link.address, options=_channel_options(self.config)
+            )
             link.task = asyncio.create_task(self._run_link(link), name=f"raft-send-{link.peer}")
         self._watchdog = asyncio.create_task(self._watch_liveness(), name="raft-liveness")
 
@@ -330,11 +345,11 @@ class PeerTransport:
         if not link.connected or self._closed:
             self._drop(link, items)
             return
-        room = self._max_queue_messages - len(link.queue)
+        room = self.config.max_queue_messages - len(link.queue)
         accepted = 0
         for _, message in items[:room]:
             size = _approximate_size(message)
-            if link.queued_bytes + size > self._max_queue_bytes:
+            if link.queued_bytes + size > self.config.max_queue_bytes:
                 break
             link.queued_bytes += size
             accepted += 1
@@ -381,7 +396,7 @@ class PeerTransport:
 
     async def _run_link(self, link: _Link) -> None:
         """Keep one stream to the peer up for as long as the transport lives."""
-        backoff = self._backoff_initial
+        backoff = self.config.backoff_initial
         while True:
             outcome = "failed"
             try:
@@ -394,13 +409,13 @@ class PeerTransport:
             finally:
                 self._set_connected(link, False)
             if outcome == "accepted":
-                backoff = self._backoff_initial
+                backoff = self.config.backoff_initial
             elif outcome == "refused":
-                backoff = self._backoff_max
+                backoff = self.config.backoff_max
             else:
                 self.stats.connect_failures += 1
             await asyncio.sleep(backoff * (1 + BACKOFF_JITTER * self._rng.random()))
-            backoff = min(backoff * 2, self._backoff_max)
+            backoff = min(backoff * 2, self.config.backoff_max)
 
     async def _session(self, link: _Link) -> str:
         """One stream: Hello, then frames until it breaks. Returns "accepted" if it got as far
@@ -410,7 +425,7 @@ class PeerTransport:
         call: _Call = stub.Stream(wait_for_ready=True)
         call.add_done_callback(lambda _: link.wakeup.set())
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self.config.connect_timeout):
                 await call.write(raft_pb2.StreamRequest(hello=self._hello))
                 reply = await call.read()
             if reply is grpc.aio.EOF or not isinstance(reply, raft_pb2.StreamResponse):
@@ -448,13 +463,13 @@ class PeerTransport:
             if not link.queue:
                 link.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._heartbeat_interval):
+                    async with asyncio.timeout(self.config.heartbeat_interval):
                         await link.wakeup.wait()
                 if call.done():
                     break
             request, count = self._take_frame(link)
             try:
-                async with asyncio.timeout(self._write_timeout):
+                async with asyncio.timeout(self.config.write_timeout):
                     await call.write(request)
             except BaseException:
                 self.stats.messages_dropped += count  # in flight: delivery unknown
@@ -475,7 +490,7 @@ class PeerTransport:
         out = request.batch.messages
         frame_bytes = 0
         queue = link.queue
-        while queue and len(out) < self._max_frame_messages:
+        while queue and len(out) < self.config.max_frame_messages:
             group, message = queue[0]
             try:
                 encoded = raft_pb2.GroupMessage(group_id=group, message=encode_message(message))
@@ -498,7 +513,7 @@ class PeerTransport:
                 )
                 self._drop(link, [(group, message)])
                 continue
-            if out and frame_bytes + size > self._max_frame_bytes:
+            if out and frame_bytes + size > self.config.max_frame_bytes:
                 break
             queue.popleft()
             link.queued_bytes -= _approximate_size(message)
@@ -509,7 +524,7 @@ class PeerTransport:
     async def _await_status(self, call: _Call) -> grpc.StatusCode:
         """The status the call ended with (UNKNOWN if it does not end within the deadline)."""
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self.config.connect_timeout):
                 return await call.code()
         except TimeoutError:
             return grpc.StatusCode.UNKNOWN
@@ -569,14 +584,14 @@ class PeerTransport:
         return data
 
     async def _receive(self, context: _Context) -> None:
-        data = await self._read(context, self._connect_timeout)
+        data = await self._read(context, self.config.connect_timeout)
         if data is None:
             return
         first = parse_request(data)
         if first.WhichOneof("kind") != "hello":
             raise CodecError("the first request of a stream must be a Hello")
         hello = first.hello
-        async with asyncio.timeout(self._connect_timeout):
+        async with asyncio.timeout(self.config.connect_timeout):
             await context.write(raft_pb2.StreamResponse(hello=self._hello))
         if hello.map_fingerprint != self._fingerprint:
             line = (
@@ -596,7 +611,7 @@ class PeerTransport:
             )
         self._refusals_logged.pop(peer, None)
         self._frame_from(peer)
-        idle_timeout = self._dead_after * IDLE_STREAM_FACTOR
+        idle_timeout = self.config.dead_after * IDLE_STREAM_FACTOR
         while not self._closed:
             data = await self._read(context, idle_timeout)
             if data is None or self._closed:
@@ -635,7 +650,7 @@ class PeerTransport:
             now = loop.time()
             next_deadline: float | None = None
             for peer in sorted(self._alive):
-                deadline = self._last_seen[peer] + self._dead_after
+                deadline = self._last_seen[peer] + self.config.dead_after
                 if deadline <= now:
                     self._alive.discard(peer)
                     _call_back(self._on_peer_state, peer, False)
@@ -649,14 +664,15 @@ class PeerTransport:
                     await self._liveness_changed.wait()
 
 
-def _channel_options() -> list[tuple[str, int]]:
+def _channel_options(config: TransportConfig) -> list[tuple[str, int]]:
+    initial_ms = max(1, int(config.backoff_initial * 1000))
     return [
         ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         # Our own backoff paces the attempts; gRPC's (up to 120 s) must not hide a restarted peer.
-        ("grpc.initial_reconnect_backoff_ms", int(DEFAULT_BACKOFF_INITIAL * 1000)),
-        ("grpc.min_reconnect_backoff_ms", int(DEFAULT_BACKOFF_INITIAL * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(DEFAULT_BACKOFF_MAX * 1000)),
+        ("grpc.initial_reconnect_backoff_ms", initial_ms),
+        ("grpc.min_reconnect_backoff_ms", initial_ms),
+        ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.backoff_max * 1000))),
     ]
 
 
