@@ -615,5 +615,5 @@ def test_a_message_above_the_frame_size_goes_alone_and_one_above_the_limit_is_dr
     ],
 )
 def test_config_that_cannot_work_is_refused(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must"):
         TransportConfig(**bad).validate()
