@@ -617,3 +617,27 @@ def test_a_message_above_the_frame_size_goes_alone_and_one_above_the_limit_is_dr
 def test_config_that_cannot_work_is_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must"):
         TransportConfig(**bad).validate()
+
+
+def test_a_failing_callback_is_logged_and_survived(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2)
+        await cluster.connected(1, 2)
+        a, b = cluster.nodes[1], cluster.nodes[2]
+        recorded = b.recorder.on_batch
+
+        def record_then_fail(peer: int, items: Items) -> None:
+            recorded(peer, items)
+            raise RuntimeError("a bug in the runtime")
+
+        b.transport._on_batch = record_then_fail  # the runtime's callback, replaced for the test
+        connects = a.transport.stats.connects
+        a.transport.send(2, [(0, append(1, 2, 1))])
+        await b.recorder.until(lambda: len(b.recorder.messages_from(1)) == 1)
+        a.transport.send(2, [(0, append(1, 2, 2))])
+        await b.recorder.until(lambda: len(b.recorder.messages_from(1)) == 2)
+        assert [m.index for m in b.recorder.messages_from(1)] == [1, 2]
+        assert a.transport.stats.connects == connects  # the same stream carried both
+
+    run(scenario)
+    assert any("callback" in r.getMessage() and r.exc_info for r in caplog.records)
