@@ -641,3 +641,28 @@ def test_a_failing_callback_is_logged_and_survived(caplog: pytest.LogCaptureFixt
 
     run(scenario)
     assert any("callback" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_hostile_hellos_cannot_flood_logs_or_memory(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="kv_node.replication.transport")
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2)
+        a = cluster.nodes[1]
+        for made_up_id in range(1000, 1020):
+            hello = raft_pb2.Hello(
+                node_id=made_up_id,
+                member_id="m" * 50_000,
+                map_fingerprint=b"not ours",
+                map_description="d" * 200_000,
+                address="a" * 50_000,
+            )
+            request = raft_pb2.StreamRequest(hello=hello).SerializeToString()
+            assert await raw_stream(a.address, [request]) == grpc.StatusCode.FAILED_PRECONDITION
+        assert a.transport.stats.map_mismatches_refused == 20
+        assert len(a.transport._refusals_logged) == 1  # one slot for all strangers
+
+    run(scenario)
+    lines = [r.getMessage() for r in caplog.records if "different cluster map" in r.getMessage()]
+    assert len(lines) == 1  # the same (truncated) line each time: logged once
+    assert len(lines[0]) < 4 * transport_module.MAX_SHOWN_CHARS

@@ -114,6 +114,10 @@ SPARE_INBOUND_STREAMS = 4
 IDLE_STREAM_FACTOR = 2
 """An inbound stream silent for this many ``dead_after`` is ended (its sender is gone)."""
 
+MAX_SHOWN_CHARS = 1000
+"""Longest text from a peer's Hello that we put in a log line (a description of a large
+cluster is a few hundred characters; see kv_common.fingerprint)."""
+
 _ESTIMATED_MESSAGE_OVERHEAD = 64
 """Bytes counted per queued message besides its payloads (ids, terms, framing), for the
 queue's byte bound; an estimate, so that ``send`` does not encode."""
@@ -434,9 +438,10 @@ class PeerTransport:
             if reply.hello.map_fingerprint != self._fingerprint:
                 code = await self._await_status(call)
                 self.stats.map_mismatches_refused_by_peer += 1
+                theirs = _shown(reply.hello.map_description)
                 line = (
                     f"peer {link.member_id} at {link.address} serves a different cluster map "
-                    f"(it refused our stream: {code.name}): theirs {reply.hello.map_description}; "
+                    f"(it refused our stream: {code.name}): theirs {theirs}; "
                     f"ours {self._description}"
                 )
                 self._log_refusal(link, line)
@@ -446,7 +451,8 @@ class PeerTransport:
                 self._log_refusal(
                     link,
                     f"{link.address} answered as node {reply.hello.node_id} "
-                    f"({reply.hello.member_id}), not as {link.member_id} (node {link.peer})",
+                    f"({_shown(reply.hello.member_id)}), "
+                    f"not as {link.member_id} (node {link.peer})",
                 )
                 return "refused"
             self.stats.connects += 1
@@ -595,19 +601,24 @@ class PeerTransport:
             await context.write(raft_pb2.StreamResponse(hello=self._hello))
         if hello.map_fingerprint != self._fingerprint:
             line = (
-                f"peer {hello.member_id or '?'} at {hello.address or context.peer()} serves a "
-                f"different cluster map: theirs {hello.map_description}; ours {self._description}"
+                f"peer {_shown(hello.member_id) or '?'} at "
+                f"{_shown(hello.address) or context.peer()} "
+                f"serves a different cluster map: theirs {_shown(hello.map_description)}; "
+                f"ours {self._description}"
             )
             self.stats.map_mismatches_refused += 1
-            if self._refusals_logged.get(hello.node_id) != line:
+            # Keyed by the peers we know, so that made-up node ids cannot grow the table.
+            slot = hello.node_id if hello.node_id in self._links else 0
+            if self._refusals_logged.get(slot) != line:
                 log.error("%s", line)
-                self._refusals_logged[hello.node_id] = line
+                self._refusals_logged[slot] = line
             self._mismatch(hello.node_id, line)
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, line)
         peer = hello.node_id
         if peer not in self._links or self._members[peer] != hello.member_id:
             raise CodecError(
-                f"Hello from {hello.member_id!r} as node {peer}, which our map does not have"
+                f"Hello from {_shown(hello.member_id)!r} as node {peer}, "
+                "which our map does not have"
             )
         self._refusals_logged.pop(peer, None)
         self._frame_from(peer)
@@ -674,6 +685,14 @@ def _channel_options(config: TransportConfig) -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", initial_ms),
         ("grpc.max_reconnect_backoff_ms", max(initial_ms, int(config.backoff_max * 1000))),
     ]
+
+
+def _shown(text: str) -> str:
+    """A peer's text as it may appear in our logs: bounded, so that a hostile Hello cannot
+    write megabytes into a log line."""
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return text[:MAX_SHOWN_CHARS] + f"... ({len(text)} characters)"
 
 
 def _call_back(callback: Callable[..., None], *args: Any) -> None:
