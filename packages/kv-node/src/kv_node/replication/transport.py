@@ -55,7 +55,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import grpc
 
@@ -127,6 +127,7 @@ PeerStateCallback = Callable[[int, bool], None]
 DropCallback = Callable[[int, Sequence[tuple[int, Message]]], None]
 MismatchCallback = Callable[[int, str], None]
 _Call: TypeAlias = "grpc.aio.StreamStreamCall[raft_pb2.StreamRequest, raft_pb2.StreamResponse]"
+_Outcome: TypeAlias = Literal["up", "refused", "failed"]
 _Context: TypeAlias = "grpc.aio.ServicerContext[bytes, raft_pb2.StreamResponse]"
 
 
@@ -402,7 +403,7 @@ class PeerTransport:
         """Keep one stream to the peer up for as long as the transport lives."""
         backoff = self.config.backoff_initial
         while True:
-            outcome = "failed"
+            outcome: _Outcome = "failed"
             try:
                 outcome = await self._session(link)
             except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
@@ -411,8 +412,10 @@ class PeerTransport:
                 # A bug of ours: say so, but keep the peer's sender alive.
                 log.exception("sender to %s at %s failed", link.member_id, link.address)
             finally:
+                if link.connected:  # ended by an error, but it had been up
+                    outcome = "up"
                 self._set_connected(link, False)
-            if outcome == "accepted":
+            if outcome == "up":
                 backoff = self.config.backoff_initial
             elif outcome == "refused":
                 backoff = self.config.backoff_max
@@ -421,9 +424,9 @@ class PeerTransport:
             await asyncio.sleep(backoff * (1 + BACKOFF_JITTER * self._rng.random()))
             backoff = min(backoff * 2, self.config.backoff_max)
 
-    async def _session(self, link: _Link) -> str:
-        """One stream: Hello, then frames until it breaks. Returns "accepted" if it got as far
-        as streaming, "refused" if the peer serves another map, "failed" otherwise."""
+    async def _session(self, link: _Link) -> _Outcome:
+        """One stream: Hello, then frames until it breaks. "up" if it got as far as streaming,
+        "refused" if the peer serves another map (or is another node), "failed" otherwise."""
         assert link.channel is not None
         stub = raft_pb2_grpc.RaftTransportServiceStub(link.channel)
         call: _Call = stub.Stream(wait_for_ready=True)
@@ -459,7 +462,7 @@ class PeerTransport:
             link.last_refusal = ""
             self._set_connected(link, True)
             await self._pump(link, call)
-            return "accepted"
+            return "up"
         finally:
             call.cancel()
 
