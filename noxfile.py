@@ -174,6 +174,17 @@ def cluster_e2e(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def chaos(session: nox.Session) -> None:
+    """Fault injection on real kv-node processes under load, histories checked (~1.5 min).
+
+    `nox -s chaos -- --long` soaks; `-- --scenario NAME --seed N` replays a failing run.
+    """
+    _sync(session, "dev")
+    session.run("pytest", "-m", "chaos", "tests/chaos")
+    session.run("python", "tests/chaos/run.py", *session.posargs)
+
+
+@nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Benchmark smoke run (~1.5 min): kv vs a gRPC echo ceiling, etcd and Redis when installed.
 

@@ -25,7 +25,7 @@ or never), or nothing for a read.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chaos.history import Record
@@ -54,22 +54,30 @@ class Verdict:
         return "\n".join(lines)
 
 
-def to_ops(records: Iterable[Record]) -> list[Op]:
-    """The checker's view of the history (see the module docstring for the mapping)."""
+def to_ops(records: Sequence[Record]) -> list[Op]:
+    """The checker's view of the history (see the module docstring for the mapping).
+
+    Times become microseconds since the first call, so a failure message is readable. Rounding
+    down keeps every real-time order or turns it into an overlap, which only permits more.
+    """
+    origin = min((r.call for r in records), default=0)
     ops: list[Op] = []
     for r in records:
         if r.outcome in ("failed", "pending") or (r.kind == "get" and r.outcome != "ok"):
             continue
-        ret = r.ret if r.outcome == "ok" else None
+        call = (r.call - origin) // 1000
+        ret = (
+            None if r.outcome != "ok" or r.ret is None else max(call + 1, (r.ret - origin) // 1000)
+        )
         if r.kind == "put":
             assert r.value is not None
-            ops.append(Op(r.client, r.key, "put", r.value, None, None, r.call, ret))
+            ops.append(Op(r.client, r.key, "put", r.value, None, None, call, ret))
         elif r.kind == "cas":
             assert r.value is not None
             output = r.succeeded if ret is not None else None
-            ops.append(Op(r.client, r.key, "cas", r.value, r.expected, output, r.call, ret))
+            ops.append(Op(r.client, r.key, "cas", r.value, r.expected, output, call, ret))
         else:
-            ops.append(Op(r.client, r.key, "get", None, None, r.read, r.call, ret))
+            ops.append(Op(r.client, r.key, "get", None, None, r.read, call, ret))
     return ops
 
 
@@ -156,8 +164,11 @@ def lost_writes(records: Sequence[Record], final_client: int) -> list[str]:
         if r.kind in ("put", "cas") and r.value is not None and r.outcome != "failed":
             writes[(r.key, r.value)] = r
     lost: list[str] = []
-    finals = [r for r in records if r.client == final_client and r.kind == "get"]
-    for final in finals:
+    last_read: dict[str, Record] = {}  # the final client reads each key until it answers
+    for r in records:
+        if r.client == final_client and r.kind == "get":
+            last_read[r.key] = r
+    for final in last_read.values():
         if final.outcome != "ok":
             lost.append(f"{final.key!r}: the final read failed ({final.error})")
             continue

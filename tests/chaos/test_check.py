@@ -20,10 +20,11 @@ from kv_common.wire import Reason
 pytestmark = pytest.mark.chaos
 
 FINAL = 99
+TICK = 1000  # ns: the checker sees microseconds
 
 
 class Builder:
-    """Records on a made-up clock; each op's times are given in whole ticks."""
+    """Records on a made-up clock; each op's times are given in ticks."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
@@ -37,8 +38,8 @@ class Builder:
         known = outcome in ("ok", "failed")
         self._add(
             Record(
-                len(self.records), 1, "put", key, call, value=value,
-                ret=ret if known else None, outcome=outcome,
+                len(self.records), 1, "put", key, call * TICK, value=value,
+                ret=ret * TICK if known else None, outcome=outcome,
                 version=version if outcome == "ok" else None,
             )
         )  # fmt: skip
@@ -56,8 +57,8 @@ class Builder:
     ) -> None:
         self._add(
             Record(
-                len(self.records), 2, "cas", key, call, value=value, expected=expected,
-                ret=ret, outcome="ok", succeeded=succeeded, version=version,
+                len(self.records), 2, "cas", key, call * TICK, value=value, expected=expected,
+                ret=ret * TICK, outcome="ok", succeeded=succeeded, version=version,
             )
         )  # fmt: skip
 
@@ -66,7 +67,7 @@ class Builder:
     ) -> None:
         self._add(
             Record(
-                len(self.records), client, "get", key, call, ret=ret, outcome="ok",
+                len(self.records), client, "get", key, call * TICK, ret=ret * TICK, outcome="ok",
                 read=read, version=version if read is not None else None,
             )
         )  # fmt: skip
@@ -154,11 +155,11 @@ def test_one_value_two_versions_is_caught() -> None:
 
 def test_outcomes_map_to_checker_ops() -> None:
     h = Builder()
-    h.put("a", "ok", 1, 2, version=10)
-    h.put("a", "lost", 3, 0, version=0, outcome="unknown")
+    h.put("a", "ok", 1, 3, version=10)
+    h.put("a", "lost", 4, 0, version=0, outcome="unknown")
     h.put("a", "never", 5, 6, version=0, outcome="failed")
-    ops = to_ops(h.records)
-    assert [(op.value, op.ret) for op in ops] == [("ok", 2), ("lost", None)]
+    ops = to_ops(h.records)  # in microseconds since the first call
+    assert [(op.value, op.call, op.ret) for op in ops] == [("ok", 0, 2), ("lost", 3, None)]
     assert lost_writes(h.records, FINAL) == []  # no final reads, nothing to judge
 
 

@@ -1,0 +1,407 @@
+"""Chaos runs on real kv-node processes: load, faults, a checked history, a table per fault.
+
+    python tests/chaos/run.py                        # the short set (CI; `nox -s chaos`)
+    python tests/chaos/run.py --long                 # a soak: longer and more faults
+    python tests/chaos/run.py --scenario rf1-kill9 --seed 1234   # replay one run
+    python tests/chaos/run.py --list
+
+A scenario is a cluster (size, replication factor), a load (a few SDK clients on a few keys
+per node, so operations collide) and a fault schedule, bounded in seconds and operations.
+Every choice — keys, operations, which node, when — comes from the seed; the processes' own
+timing does not, so a replay repeats the schedule, not the interleaving.
+
+Scenarios that need node flags the node does not have yet (``--replication-factor``,
+``--peer-via``) are listed as NOT RUN with the reason; ``--require-all`` makes that an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chaos.check import Verdict, judge
+from chaos.faults import Faults, PeerLinks
+from chaos.history import History, RecordingClient
+from chaos.load import Load, LoadConfig
+from chaos.proxy import CutMode
+from chaos.report import fault_rows, render
+
+from harness import Cluster, run_node_command
+from kv_client import Client
+
+REPLICATION_FLAG = "--replication-factor"
+PEER_VIA_FLAG = "--peer-via"
+KEYS_PER_NODE = 3  # few keys, so that operations collide; every node owns some
+CLIENTS = 4
+FINAL_CLIENT = 1_000  # client id of the reads after the faults (above every load client)
+FINAL_READ_TIMEOUT = 60.0
+WARMUP_ACKS = 100  # writes acknowledged before the first fault
+GAP_ACKS = 150  # writes acknowledged between faults (the cluster recovered)
+GAP_MAX = 15.0  # ...or this many seconds, whichever first (a run that never recovers goes on)
+DOWN_OPS = 200  # ops the load completes while a killed node is down
+DOWN_MAX = 3.0
+PAUSE_SECONDS = 3.0
+"""SIGSTOP length: above the election timeout the lead will pick (raise it if it is longer)."""
+ISOLATE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    seconds: float
+    max_ops: int
+
+
+SHORT = Budget(seconds=15.0, max_ops=20_000)
+LONG = Budget(seconds=300.0, max_ops=400_000)
+
+
+@dataclass
+class Context:
+    """What a fault schedule works with."""
+
+    faults: Faults
+    history: History
+    rng: random.Random
+    node_ids: list[str]
+    owners: dict[str, str]  # load key -> node that leads its partition (owner at RF=1)
+    deadline: float
+    load: Load
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.deadline or self.history.full or not self.load.running
+
+    def gap(self) -> None:
+        self.history.wait_for(acked_writes=GAP_ACKS, timeout=GAP_MAX)
+
+    def random_node(self) -> str:
+        return self.rng.choice(self.node_ids)
+
+    def busiest_node(self) -> str:
+        """The node leading the most of the load's partitions (ties: the seed picks).
+
+        Today the map names only owners; once it carries each partition's leader, this reads
+        the leader through ``Client.locate`` the same way (it is refreshed per fault).
+        """
+        counts = {node_id: 0 for node_id in self.node_ids}
+        for owner in self.owners.values():
+            counts[owner] += 1
+        top = max(counts.values())
+        return self.rng.choice(sorted(n for n, c in counts.items() if c == top))
+
+
+Schedule = Callable[[Context], None]
+
+
+def kill9_random(ctx: Context) -> None:
+    while not ctx.over():
+        ctx.faults.kill9(ctx.random_node(), down_ops=DOWN_OPS, max_down=DOWN_MAX)
+        ctx.gap()
+
+
+def kill9_busiest(ctx: Context) -> None:
+    while not ctx.over():
+        ctx.faults.kill9(ctx.busiest_node(), down_ops=DOWN_OPS, max_down=DOWN_MAX)
+        ctx.gap()
+
+
+def pause_random(ctx: Context) -> None:
+    while not ctx.over():
+        ctx.faults.pause(ctx.random_node(), PAUSE_SECONDS)
+        ctx.gap()
+
+
+def pause_busiest(ctx: Context) -> None:
+    while not ctx.over():
+        ctx.faults.pause(ctx.busiest_node(), PAUSE_SECONDS)
+        ctx.gap()
+
+
+def rolling_restart(ctx: Context) -> None:
+    while not ctx.over():
+        ctx.faults.rolling_restart(ctx.rng.sample(ctx.node_ids, len(ctx.node_ids)))
+        ctx.gap()
+
+
+def isolate(mode: CutMode) -> Schedule:
+    def schedule(ctx: Context) -> None:
+        while not ctx.over():
+            ctx.faults.isolate(ctx.random_node(), ISOLATE_SECONDS, mode)
+            ctx.gap()
+
+    return schedule
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    nodes: int
+    replication_factor: int
+    schedule: Schedule
+    what: str
+    needs: tuple[str, ...] = ()  # kv-node flags it depends on
+    peer_links: bool = False
+
+    def node_args(self) -> list[str]:
+        if self.replication_factor == 1:
+            return []
+        return [REPLICATION_FLAG, str(self.replication_factor)]
+
+
+def _replicated(nodes: int) -> list[Scenario]:
+    rf = (REPLICATION_FLAG,)
+    links = (REPLICATION_FLAG, PEER_VIA_FLAG)
+    return [
+        Scenario(f"rf3-kill9-leader-{nodes}n", nodes, 3, kill9_busiest,
+                 "kill -9 the node leading most partitions, restart it", rf),
+        Scenario(f"rf3-sigstop-leader-{nodes}n", nodes, 3, pause_busiest,
+                 f"SIGSTOP the busiest leader {PAUSE_SECONDS:g}s (past election timeout)", rf),
+        Scenario(f"rf3-isolate-reset-{nodes}n", nodes, 3, isolate(CutMode.RESET),
+                 "cut one node's peer links (RST), heal", links, peer_links=True),
+        Scenario(f"rf3-isolate-blackhole-{nodes}n", nodes, 3, isolate(CutMode.BLACKHOLE),
+                 "blackhole one node's peer links, heal", links, peer_links=True),
+        Scenario(f"rf3-rolling-restart-{nodes}n", nodes, 3, rolling_restart,
+                 "SIGTERM + restart every node in turn", rf),
+    ]  # fmt: skip
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("rf1-kill9", 3, 1, kill9_random, "kill -9 a random node under load, restart it"),
+    Scenario("rf1-sigstop", 3, 1, pause_random, f"SIGSTOP a random node {PAUSE_SECONDS:g}s"),
+    Scenario("rf1-rolling-restart", 3, 1, rolling_restart, "SIGTERM + restart every node"),
+    *_replicated(3),
+    *_replicated(5),
+]
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    verdict: Verdict
+    table: str
+    data_dir: Path
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok and not self.problems
+
+
+def node_flags() -> str:
+    """``kv-node --help``: what this node build supports."""
+    return run_node_command("--help").stdout
+
+
+def pick_keys(addresses: list[str], node_ids: list[str]) -> dict[str, tuple[str, int]]:
+    """KEYS_PER_NODE keys owned by each node: key -> (owner, partition)."""
+    chosen: dict[str, tuple[str, int]] = {}
+    per_node = dict.fromkeys(node_ids, 0)
+    with Client(addresses) as kv:
+        for i in range(10_000):
+            key = f"k{i}"
+            location = kv.locate(key)
+            if per_node[location.node_id] < KEYS_PER_NODE:
+                per_node[location.node_id] += 1
+                chosen[key] = (location.node_id, location.partition)
+            if all(count == KEYS_PER_NODE for count in per_node.values()):
+                return chosen
+    raise RuntimeError(f"could not find {KEYS_PER_NODE} keys per node: {per_node}")
+
+
+async def final_reads(addresses: list[str], keys: Sequence[str], history: History) -> None:
+    """Read every key once the faults are over (retrying until it answers): the history's
+    last word on what survived."""
+    client = RecordingClient(FINAL_CLIENT, addresses, history)
+    history.max_ops += len(keys) * 1_000  # the final reads are never refused for space
+    deadline = time.monotonic() + FINAL_READ_TIMEOUT
+    try:
+        for key in keys:
+            while True:
+                record = await client.get(key)
+                if (record is not None and record.outcome == "ok") or (time.monotonic() > deadline):
+                    break
+    finally:
+        await client.close()
+
+
+def run_scenario(
+    scenario: Scenario, seed: int, budget: Budget, *, keep: bool, engine: str
+) -> Outcome:
+    started = time.monotonic()
+    rng = random.Random(f"{seed}:{scenario.name}")
+    root = Path(tempfile.mkdtemp(prefix=f"kv-chaos-{scenario.name}-"))
+    node_ids = [f"n{i + 1}" for i in range(scenario.nodes)]
+    history = History(max_ops=budget.max_ops)
+    cluster = Cluster(root, node_ids, engine=engine, extra=scenario.node_args())
+    links: PeerLinks | None = None
+    load: Load | None = None
+    problems: list[str] = []
+    try:
+        if scenario.peer_links:
+            links = PeerLinks(cluster)
+            for node_id, node in cluster.nodes.items():
+                node.extra += links.node_flags(node_id)
+        cluster.start()
+        placed = pick_keys(cluster.addresses, node_ids)
+        keys = sorted(placed)
+        load = Load(
+            # The schedule ends the load; this deadline only bounds a schedule that hangs.
+            LoadConfig(
+                cluster.addresses,
+                keys,
+                CLIENTS,
+                seed,
+                time.monotonic() + 10 * GAP_MAX + budget.seconds,
+            ),
+            history,
+        ).start()
+        faults = Faults(cluster, history, links)
+        if not history.wait_for(acked_writes=WARMUP_ACKS, timeout=GAP_MAX):
+            problems.append(f"the load did not reach {WARMUP_ACKS} acknowledged writes")
+        ctx = Context(
+            faults,
+            history,
+            rng,
+            node_ids,
+            {key: owner for key, (owner, _) in placed.items()},
+            time.monotonic() + budget.seconds,  # the schedule's time starts after the warmup
+            load,
+        )
+        try:
+            scenario.schedule(ctx)
+        finally:
+            load.stop()
+            if load.error is not None:
+                problems.append(f"the load crashed: {load.error!r}")
+            faults.everyone_up()
+        if not history.faults:
+            problems.append("no fault was injected (the budget ran out first)")
+        asyncio.run(final_reads(cluster.addresses, keys, history))
+    finally:
+        try:
+            if load is not None:
+                load.stop()
+        finally:
+            cluster.stop()
+            if links is not None:
+                links.stop()
+    verdict = judge(history.records, FINAL_CLIENT)
+    partitions = {key: partition for key, (_, partition) in placed.items()}
+    table = render(history, fault_rows(history, partitions, CLIENTS), CLIENTS)
+    outcome = Outcome(scenario, verdict, table, root, time.monotonic() - started, problems)
+    _save_history(root / "history.json", history)
+    if outcome.ok and not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return outcome
+
+
+def _save_history(path: Path, history: History) -> None:
+    """Every op and fault, for a post-mortem of a failing run (kept with the node logs)."""
+    data = {
+        "records": [asdict(r) for r in history.records],
+        "faults": [asdict(f) for f in history.faults],
+        "started": history.started,
+    }
+    path.write_text(json.dumps(data))
+
+
+def replay_command(scenario: Scenario, seed: int, args: argparse.Namespace) -> str:
+    command = ["python", "tests/chaos/run.py", "--scenario", scenario.name, "--seed", str(seed)]
+    if args.long:
+        command.append("--long")
+    if args.seconds:
+        command += ["--seconds", str(args.seconds)]
+    if args.max_ops:
+        command += ["--max-ops", str(args.max_ops)]
+    if args.engine != "lmdb":
+        command += ["--engine", args.engine]
+    return shlex.join(command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, help="default: a random seed, printed")
+    parser.add_argument("--scenario", action="append", help="run only these (repeatable)")
+    parser.add_argument("--long", action="store_true", help="a soak: longer, more faults")
+    parser.add_argument("--seconds", type=float, help="fault schedule length per scenario")
+    parser.add_argument("--max-ops", type=int, help="bound on recorded ops per scenario")
+    parser.add_argument("--keep", action="store_true", help="keep data dirs of passing runs")
+    parser.add_argument(
+        "--require-all", action="store_true", help="fail if a scenario cannot run here"
+    )
+    parser.add_argument(
+        "--engine",
+        default="lmdb",
+        help="node storage engine; `memory` loses everything on kill -9: a run that must FAIL",
+    )
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for s in SCENARIOS:
+            print(f"{s.name:28} {s.nodes} nodes RF={s.replication_factor}  {s.what}")
+        return 0
+    chosen = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
+    unknown = set(args.scenario or ()) - {s.name for s in SCENARIOS}
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))} (see --list)")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    base = LONG if args.long else SHORT
+    budget = Budget(args.seconds or base.seconds, args.max_ops or base.max_ops)
+    print(f"chaos: seed {seed}, {budget.seconds:g}s and at most {budget.max_ops} ops per scenario")
+
+    help_text = node_flags()
+    runnable: list[Scenario] = []
+    not_run: list[tuple[Scenario, str]] = []
+    for s in chosen:
+        missing = [flag for flag in s.needs if flag not in help_text]
+        if missing:
+            not_run.append((s, f"kv-node has no {', '.join(missing)} (checked `kv-node --help`)"))
+        else:
+            runnable.append(s)
+
+    failed: list[Outcome] = []
+    for scenario in runnable:
+        print(f"\n== {scenario.name}: {scenario.nodes} nodes, RF={scenario.replication_factor}, "
+              f"{scenario.what}", flush=True)  # fmt: skip
+        outcome = run_scenario(scenario, seed, budget, keep=args.keep, engine=args.engine)
+        print(outcome.table)
+        print(outcome.verdict.describe())
+        for problem in outcome.problems:
+            print(f"problem: {problem}")
+        status = "PASS" if outcome.ok else "FAIL"
+        print(f"{status} {scenario.name} in {outcome.seconds:.1f}s", flush=True)
+        if not outcome.ok:
+            failed.append(outcome)
+            print(f"   replay: {replay_command(scenario, seed, args)}")
+            print(f"   node logs and history.json: {outcome.data_dir}")
+
+    if not_run:
+        print(f"\nNOT RUN ({len(not_run)} scenario(s) need what this node does not have yet):")
+        for s, reason in not_run:
+            print(f"  {s.name}: {reason}")
+    print(f"\nchaos: {len(runnable) - len(failed)} passed, {len(failed)} failed, "
+          f"{len(not_run)} not run; seed {seed}")  # fmt: skip
+    if failed:
+        return 1
+    if not_run and args.require_all:
+        print("chaos: --require-all: scenarios that could not run count as failures")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
