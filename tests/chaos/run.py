@@ -308,7 +308,10 @@ def run_scenario(
             cluster.stop()
             if links is not None:
                 links.stop()
+    checking = time.monotonic()
     verdict = judge(history.records, FINAL_CLIENT)
+    problems += [] if verdict.ok else [f"see the verdict ({len(history.records)} ops recorded)"]
+    print(f"   checked {len(history.records)} ops in {time.monotonic() - checking:.1f}s")
     partitions = {key: partition for key, (_, partition) in placed.items()}
     table = render(history, fault_rows(history, partitions, CLIENTS), CLIENTS)
     outcome = Outcome(scenario, verdict, table, root, time.monotonic() - started, problems)
