@@ -346,7 +346,7 @@ def replay_command(scenario: Scenario, seed: int, args: argparse.Namespace) -> s
     return shlex.join(command)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, help="default: a random seed, printed")
     parser.add_argument("--scenario", action="append", help="run only these (repeatable)")
@@ -369,6 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(checks the harness's own mechanics; proves nothing about replication)",
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.list:

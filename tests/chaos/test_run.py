@@ -1,0 +1,49 @@
+"""The runner never skips silently: scenarios the node cannot run are named, with the reason."""
+
+from __future__ import annotations
+
+import pytest
+from chaos import run
+
+pytestmark = pytest.mark.chaos
+
+OLD_NODE_HELP = "usage: kv-node [-h] --id ID [--cluster ID=HOST:PORT,...]"
+
+
+@pytest.fixture
+def old_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "node_flags", lambda: OLD_NODE_HELP)
+
+
+@pytest.mark.usefixtures("old_node")
+def test_scenarios_needing_missing_flags_are_listed_as_not_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--scenario", "rf3-isolate-reset-3n", "--scenario", "rf3-kill9-leader-5n"]
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "NOT RUN (2 scenario(s)" in out
+    assert "rf3-isolate-reset-3n: kv-node has no --replication-factor, --peer-via" in out
+    assert "rf3-kill9-leader-5n: kv-node has no --replication-factor (checked" in out
+    assert "0 passed, 0 failed, 2 not run" in out
+
+
+@pytest.mark.usefixtures("old_node")
+def test_require_all_turns_not_run_into_a_failure() -> None:
+    assert run.main(["--scenario", "rf3-rolling-restart-3n", "--require-all"]) == 1
+
+
+def test_every_replicated_scenario_needs_the_replication_flag() -> None:
+    replicated = [s for s in run.SCENARIOS if s.replication_factor > 1]
+    assert {s.nodes for s in replicated} == {3, 5}
+    assert all(run.REPLICATION_FLAG in s.needs for s in replicated)
+    assert all(run.PEER_VIA_FLAG in s.needs for s in replicated if s.peer_links)
+
+
+def test_replay_command_carries_every_setting_that_changes_the_run() -> None:
+    scenario = run.SCENARIOS[0]
+    args = run.build_parser().parse_args(["--long", "--seconds", "9", "--engine", "memory"])
+    assert run.replay_command(scenario, 17, args) == (
+        f"python tests/chaos/run.py --scenario {scenario.name} --seed 17 --long "
+        "--seconds 9.0 --engine memory"
+    )
