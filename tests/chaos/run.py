@@ -242,7 +242,14 @@ async def final_reads(addresses: list[str], keys: Sequence[str], history: Histor
 
 
 def run_scenario(
-    scenario: Scenario, seed: int, budget: Budget, *, keep: bool, engine: str, stand_in: bool
+    scenario: Scenario,
+    seed: int,
+    budget: Budget,
+    *,
+    keep: bool,
+    engine: str,
+    stand_in: bool,
+    workdir: Path | None = None,
 ) -> Outcome:
     """One run: start, load, faults, final reads, stop everything, judge.
 
@@ -251,7 +258,7 @@ def run_scenario(
     """
     started = time.monotonic()
     rng = random.Random(f"{seed}:{scenario.name}")
-    root = Path(tempfile.mkdtemp(prefix=f"kv-chaos-{scenario.name}-"))
+    root = Path(tempfile.mkdtemp(prefix=f"kv-chaos-{scenario.name}-", dir=workdir))
     node_ids = [f"n{i + 1}" for i in range(scenario.nodes)]
     history = History(max_ops=budget.max_ops)
     cluster = Cluster(root, node_ids, engine=engine, extra=scenario.node_args(stand_in))

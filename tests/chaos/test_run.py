@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from chaos import run
 
@@ -47,3 +49,17 @@ def test_replay_command_carries_every_setting_that_changes_the_run() -> None:
         f"python tests/chaos/run.py --scenario {scenario.name} --seed 17 --long "
         "--seconds 9.0 --engine memory"
     )
+
+
+def test_a_node_that_forgets_on_kill_9_fails_the_run(tmp_path: Path) -> None:
+    """The whole pipeline on real processes can fail: the volatile engine loses every write
+    on kill -9, and the load sees it (a read of absent, a refused or an accepted conditional
+    write that contradicts an acknowledged write)."""
+    scenario = next(s for s in run.SCENARIOS if s.name == "rf1-kill9")
+    outcome = run.run_scenario(
+        scenario, 7, run.Budget(seconds=8.0, max_ops=20_000), keep=False, engine="memory",
+        stand_in=False, workdir=tmp_path,
+    )  # fmt: skip
+    assert len(outcome.table.splitlines()) > 3  # at least one fault row
+    assert not outcome.ok
+    assert outcome.verdict.linearizable is False, outcome.verdict.describe()
