@@ -24,7 +24,12 @@ import grpc
 
 from kv_common.cluster_map import ClusterMap
 from kv_node.replication.multiraft import MultiRaft
-from kv_node.replication.runtime import DEFAULT_TICK_SECONDS, ReplicationRuntime
+from kv_node.replication.runtime import (
+    DEFAULT_COMPACT_AFTER,
+    DEFAULT_KEEP_AFTER_COMPACT,
+    DEFAULT_TICK_SECONDS,
+    ReplicationRuntime,
+)
 from kv_node.replication.storage import ReplicaStore
 from kv_node.replication.transport import PeerTransport, TransportConfig, raft_node_ids
 from kv_node.store import Op, Outcome
@@ -42,6 +47,8 @@ class ReplicationConfig:
     """Election jitter seed; None draws one (tests pin it to replay)."""
     dial: dict[str, str] = field(default_factory=dict)
     """Peers reached at another address than the map's (``--peer-via``)."""
+    compact_after: int = DEFAULT_COMPACT_AFTER
+    keep_after_compact: int = DEFAULT_KEEP_AFTER_COMPACT
 
     @classmethod
     def for_tick(
@@ -107,6 +114,8 @@ class Replication:
             transport=self.transport,
             tick_seconds=config.tick_seconds,
             on_leader_change=self._on_leader_change,
+            compact_after=config.compact_after,
+            keep_after_compact=config.keep_after_compact,
         )
         self._leaderless = set(groups)
         self.all_led = asyncio.Event()

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TICK_SECONDS = 0.1
 """One Raft tick. With the core's default election_tick of 10, an election timeout is 1-2 s."""
+DEFAULT_COMPACT_AFTER = 10_000
+"""Log entries a group keeps before it compacts (drops what is applied, keeping a tail)."""
+DEFAULT_KEEP_AFTER_COMPACT = 1_000
+"""Applied entries kept after a compaction, so that a follower a little behind catches up
+from the log instead of by a snapshot of the whole partition."""
 MAX_INBOX = 65_536
 """Messages received and not yet stepped; beyond it new ones are dropped (Raft tolerates
 loss) rather than letting a slow disk grow the node's memory without bound."""
@@ -61,6 +66,8 @@ class RuntimeStats:
     messages_sent: int = 0
     inbox_dropped: int = 0
     leader_changes: int = 0
+    compactions: int = 0
+    snapshots_sent: int = 0
 
 
 @dataclass
@@ -78,12 +85,18 @@ class ReplicationRuntime:
         transport: Transport,
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         on_leader_change: Callable[[int, int], None] | None = None,
+        compact_after: int = DEFAULT_COMPACT_AFTER,
+        keep_after_compact: int = DEFAULT_KEEP_AFTER_COMPACT,
     ) -> None:
         """Peers are named by raft id everywhere (``transport.raft_node_ids``)."""
         self._driver = driver
         self._store = store
         self._transport = transport
         self._tick_seconds = tick_seconds
+        if not 0 <= keep_after_compact < compact_after:
+            raise ValueError("keep_after_compact must be below compact_after")
+        self._compact_after = compact_after
+        self._keep_after_compact = keep_after_compact
         self._on_leader_change = on_leader_change
         self._proposals = Proposals()
         self._reads = Reads()
@@ -223,16 +236,28 @@ class ReplicationRuntime:
         if cycle.is_empty:
             return
         writes = [GroupWrite.from_ready(item.group, item.ready) for item in cycle.readies]
-        results = await asyncio.to_thread(self._store.commit, writes)
+        results = await asyncio.to_thread(self._commit, writes)
         self.stats.cycles += 1
         self._send(cycle)
         self._answer(cycle, results)
         driver.advance(cycle)
 
+    def _commit(self, writes: list[GroupWrite]) -> CommitResult:
+        """The cycle's one transaction, then compaction of logs grown past the bound (in the
+        same worker thread; nothing reads the store while a cycle is out)."""
+        results = self._store.commit(writes)
+        for group in results:
+            applied = self._store.applied(group)
+            if applied - self._store.group(group).first_index() + 1 > self._compact_after:
+                self._store.compact(group, applied - self._keep_after_compact)
+                self.stats.compactions += 1
+        return results
+
     def _send(self, cycle: Cycle) -> None:
         for raft_id, messages in cycle.outbox.items():
             self._transport.send(raft_id, [(item.group, item.message) for item in messages])
             self.stats.messages_sent += len(messages)
+            self.stats.snapshots_sent += sum(item.message.snapshot is not None for item in messages)
 
     def _answer(self, cycle: Cycle, results: CommitResult) -> None:
         proposals = self._proposals
