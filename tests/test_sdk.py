@@ -31,7 +31,8 @@ def test_requests_go_straight_to_the_owner(cluster: InProcessCluster) -> None:
         assert server.node.requests_forwarded == 0
     for i in range(150):
         key = f"key-{i}".encode()
-        assert cluster.servers[cluster.owner(key)].node.store.get(key) is not None
+        store = cluster.servers[cluster.owner(key)].node.store
+        assert store is not None and store.get(key) is not None
 
 
 def test_bootstrap_skips_dead_seeds(cluster: InProcessCluster) -> None:

@@ -179,17 +179,17 @@ def run(
 
 @pytest.fixture
 def writes(cluster: InProcessCluster, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every single-key write the nodes' committers apply, in order."""
+    """Every single-key write the nodes apply (``Node.write``), in order."""
     applied: list[object] = []
     for server in cluster.servers.values():
-        committer = server.node.committer
-        original = committer.write
+        node = server.node
+        original = node.write
 
-        async def write(op: Any, _original: Any = original) -> Any:
-            applied.append(op)
-            return await _original(op)
+        async def write(ops: Any, _original: Any = original) -> Any:
+            applied.extend(ops)
+            return await _original(ops)
 
-        monkeypatch.setattr(committer, "write", write)
+        monkeypatch.setattr(node, "write", write)
     return applied
 
 
@@ -433,7 +433,7 @@ def test_a_node_that_never_answers_gives_deadline_exceeded(
         hung.append(op)
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(cluster.servers["b"].node.committer, "write", never)
+    monkeypatch.setattr(cluster.servers["b"].node, "write", never)
 
     async def scenario(kv: AsyncClient) -> None:
         await kv.cluster_map()  # so that the whole budget goes to the put
@@ -526,7 +526,7 @@ def test_an_unexpected_node_failure_is_internal(
         failures.append(op)
         raise RuntimeError("the disk is on fire")
 
-    monkeypatch.setattr(cluster.servers["c"].node.committer, "write", broken)
+    monkeypatch.setattr(cluster.servers["c"].node, "write", broken)
 
     async def scenario(kv: AsyncClient) -> None:
         error = await raises(InternalError)(kv.put(key, "v"))

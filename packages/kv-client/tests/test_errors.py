@@ -24,6 +24,7 @@ from kv_client.errors import (
     InternalError,
     InvalidArgumentError,
     KvError,
+    NotLeaderError,
     OverloadedError,
     StaleMapError,
     TooLargeError,
@@ -130,7 +131,9 @@ ROWS: list[
     (Code.RESOURCE_EXHAUSTED, Reason.OVERLOADED, {}, "limit", OverloadedError, True, False),
     # A reason this SDK does not know: the status code alone, again.
     (Code.RESOURCE_EXHAUSTED, "QUOTA_NEW", {}, "limit", UnavailableError, True, False),
-    (Code.FAILED_PRECONDITION, "NOT_LEADER", {}, "", FailedPreconditionError, False, False),
+    (Code.FAILED_PRECONDITION, "NOT_READY_YET", {}, "", FailedPreconditionError, False, False),
+    # The partition's leader is elsewhere or unknown: retriable, and it never ran.
+    (Code.UNAVAILABLE, Reason.NOT_LEADER, {"leader_id": "n2"}, "", NotLeaderError, True, False),
     (Code.UNAVAILABLE, "SOMETHING_NEW", {}, "", UnavailableError, True, False),
 ]
 

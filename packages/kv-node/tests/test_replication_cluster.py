@@ -13,6 +13,7 @@ Waits are on conditions with deadlines (``until``), never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,11 @@ CONFIG = ReplicationConfig(
 )
 
 
+COMPACT_AFTER = 20
+COMPACTING = dataclasses.replace(CONFIG, compact_after=COMPACT_AFTER, keep_after_compact=5)
+"""Logs compacted after a few entries, so that a stopped node falls behind compaction."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,8 +63,11 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 
 class Cluster:
-    def __init__(self, root: Path, names: tuple[str, ...]) -> None:
+    def __init__(
+        self, root: Path, names: tuple[str, ...], config: ReplicationConfig = CONFIG
+    ) -> None:
         self.root = root
+        self.config = config
         self.map = ClusterMap.build(
             epoch=1,
             members=tuple(Member(name, f"127.0.0.1:{free_port()}") for name in names),
@@ -71,7 +80,7 @@ class Cluster:
 
     async def start(self, name: str) -> Replication:
         replication = Replication.open(
-            name, self.map, self.root / name, map_size=MAP_SIZE, config=CONFIG
+            name, self.map, self.root / name, map_size=MAP_SIZE, config=self.config
         )
         server = grpc.aio.server()
         replication.add_to_server(server)
@@ -108,9 +117,13 @@ class Cluster:
         return all(self.leader_of(group) is not None for group in range(PARTITIONS))
 
 
-def run(tmp_path: Path, scenario: Callable[[Cluster], Awaitable[None]]) -> None:
+def run(
+    tmp_path: Path,
+    scenario: Callable[[Cluster], Awaitable[None]],
+    config: ReplicationConfig = CONFIG,
+) -> None:
     async def main() -> None:
-        cluster = Cluster(tmp_path, ("n1", "n2", "n3"))
+        cluster = Cluster(tmp_path, ("n1", "n2", "n3"), config)
         try:
             for name in ("n1", "n2", "n3"):
                 await cluster.start(name)
@@ -200,3 +213,31 @@ def test_losing_the_busiest_leader_keeps_every_write_and_partition(tmp_path: Pat
             assert restarted.store.get(group, key) == (value, version)
 
     run(tmp_path, scenario)
+
+
+def test_a_node_behind_compaction_catches_up_by_snapshot(tmp_path: Path) -> None:
+    async def scenario(cluster: Cluster) -> None:
+        group = 0
+        leader = cluster.leader_of(group)
+        assert leader is not None
+        behind = next(n for n in cluster.nodes.values() if n is not leader)
+        name = behind.member_id
+        stopped_at = behind.store.applied(group)
+        await cluster.stop(name)
+        written: dict[bytes, tuple[bytes, int]] = {}
+        for i in range(3 * COMPACT_AFTER):
+            key = key_in(group, cluster, f"c{i % 7}")
+            (put,) = await leader.write(group, [PutOp(key, b"%d" % i)])
+            assert isinstance(put, WriteResult)
+            written[key] = (b"%d" % i, put.version)
+        # The leader's log no longer holds what the stopped node lacks.
+        assert leader.store.group(group).first_index() > stopped_at + 1
+        assert leader.runtime.stats.compactions > 0
+        restarted = await cluster.start(name)
+        last = max(version for _, version in written.values())
+        await until(applied_on([restarted], group, last), f"{name} caught up on group {group}")
+        for key, found in written.items():
+            assert restarted.store.get(group, key) == found
+        assert leader.runtime.stats.snapshots_sent > 0
+
+    run(tmp_path, scenario, config=COMPACTING)

@@ -197,3 +197,19 @@ def test_an_entry_applied_as_a_failure_fails_its_callers() -> None:
         assert proposals.in_log() == 0
 
     run(scenario)
+
+
+def test_two_callers_writing_one_key_never_share_an_entry() -> None:
+    """Versions are entry indexes: sharing an entry would give both writes one version.
+    A read of the key may join the entry of the write before it."""
+
+    async def scenario() -> None:
+        proposals = Proposals()
+        proposals.queue(1, [PutOp(b"k", b"first")])
+        proposals.queue(1, [PutOp(b"other", b"v")])
+        proposals.queue(1, [PutOp(b"k", b"second"), GetOp(b"k")])
+        proposals.queue(1, [GetOp(b"k")])
+        entries = [[op.key for op in ops] for _, ops, _ in proposals.take()]
+        assert entries == [[b"k", b"other"], [b"k", b"k", b"k"]]
+
+    run(scenario)

@@ -15,7 +15,15 @@ from kv_common.cluster_map import ClusterMap
 from kv_common.limits import MAX_KEY_BYTES
 from kv_common.wire import EPOCH_METADATA, HOP_METADATA, ErrorInfo, Reason, decode_status_details
 from kv_node import routing
+from kv_node.store import Store
 from kv_node.testing import HungOwner, InProcessCluster
+
+
+def store_of(cluster: InProcessCluster, name: str) -> Store:
+    """The single-copy store of node ``name`` (these nodes are not replicated)."""
+    store = cluster.servers[name].node.store
+    assert store is not None
+    return store
 
 
 def details(error: BaseException) -> str:
@@ -48,8 +56,8 @@ def test_any_node_forwards_to_the_owner(cluster: InProcessCluster) -> None:
     assert put.succeeded and put.version == 1
     got = stub(cluster, "c").Get(kv_pb2.GetRequest(key=key), timeout=5)
     assert (got.found, got.value, got.version) == (True, b"v", 1)
-    assert cluster.servers["b"].node.store.get(key) == (b"v", 1)
-    assert cluster.servers["a"].node.store.get(key) is None
+    assert store_of(cluster, "b").get(key) == (b"v", 1)
+    assert store_of(cluster, "a").get(key) is None
     assert cluster.servers["a"].node.requests_forwarded == 1
     assert cluster.servers["c"].node.requests_forwarded == 1
     assert cluster.servers["b"].node.requests_forwarded == 0
@@ -87,7 +95,7 @@ def test_forwarded_request_is_never_forwarded_again_and_forged_text_is_not_echoe
     message = details(info.value)
     assert "script" not in message and "xxxx" not in message
     assert "cluster list" not in message and "config" not in message
-    assert cluster.servers["b"].node.store.get(key) is None
+    assert store_of(cluster, "b").get(key) is None
 
 
 def test_unreachable_owner_is_named_and_fails_fast(
@@ -184,7 +192,7 @@ def test_bad_input_gets_a_reason_and_changes_nothing(
         kv.Put(request_, timeout=5)
     assert info.value.code().name == code
     assert error_info(info.value) == ErrorInfo(reason, metadata)
-    assert all(s.node.store.count() == 0 for s in cluster.servers.values())
+    assert all(store_of(cluster, name).count() == 0 for name in cluster.servers)
     assert counted(cluster, "a", "kv_requests_total", method="Put", outcome=code) == 1
     # The node keeps serving.
     assert kv.Put(kv_pb2.PutRequest(key=b"fine", value=b"v"), timeout=5).succeeded
@@ -391,7 +399,7 @@ def test_each_get_in_a_batch_sees_exactly_the_writes_before_it(
     versions = [r.put.version for r in response.results if r.WhichOneof("result") == "put"]
     gets = [r.get for r in response.results if r.WhichOneof("result") == "get"]
     assert [gets[1].version, gets[2].version] == versions[:2]
-    assert cluster.servers[owner].node.store.get(key) == (b"3", versions[2])
+    assert store_of(cluster, owner).get(key) == (b"3", versions[2])
 
 
 def test_batch_limits(cluster: InProcessCluster) -> None:
@@ -411,7 +419,7 @@ def test_batch_limits(cluster: InProcessCluster) -> None:
         kv.Batch(too_big, timeout=5)
     assert error_info(info.value).metadata["unit"] == "bytes"
     assert "--max-batch-bytes" in details(info.value)
-    assert all(s.node.store.count() == 0 for s in cluster.servers.values())
+    assert all(store_of(cluster, name).count() == 0 for name in cluster.servers)
 
 
 def test_batch_to_an_unreachable_owner_fails_only_its_operations(
@@ -481,4 +489,4 @@ def test_a_draining_node_refuses_new_calls_as_shutting_down(cluster: InProcessCl
         stub(cluster, "a").Get(kv_pb2.GetRequest(key=b"k"), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(info.value).reason == Reason.SHUTTING_DOWN
-    assert cluster.servers["a"].node.store.count() == 0
+    assert store_of(cluster, "a").count() == 0

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from kv_client._calls import Call
 from kv_client._transport import Metadata, routed_metadata
-from kv_client.errors import DeadlineExceededError, KvError
+from kv_client.errors import DeadlineExceededError, KvError, UnavailableError
 from kv_client.retry import RetryPolicy, next_pause
 from kv_common.cluster_map import ClusterMap, Limits
 
@@ -112,6 +112,8 @@ class CallRun(Generic[Out]):
         self._pause_after_map: float | None = None
         self._sent: Send | None = None
         self._last_error: KvError | None = None
+        self._target: str | None = None
+        """The replica to try next instead of the key's owner (replicated partitions)."""
 
     def start(self) -> NeedMap:
         return NeedMap(refresh=False, deadline=self.deadline)
@@ -154,6 +156,7 @@ class CallRun(Generic[Out]):
         if pause is None:
             return Fail(error)
         self.attempt += 1
+        self._retarget(error)
         if error.invalid_metadata:
             self._pause_after_map = pause
             epoch = self._map.epoch if self._map is not None else None
@@ -172,7 +175,10 @@ class CallRun(Generic[Out]):
             )
         cluster_map = self._map
         assert cluster_map is not None, "routed() comes before any send"
-        node_id, address = cluster_map.owner_of(self.call.key)
+        node_id = self._target
+        if node_id is None or node_id not in cluster_map.addresses:
+            node_id = cluster_map.placement.owner_of_key(self.call.key)
+        address = cluster_map.address_of(node_id)
         self._sent = Send(
             node_id=node_id,
             address=address,
@@ -183,3 +189,17 @@ class CallRun(Generic[Out]):
             limits=cluster_map.limits,
         )
         return self._sent
+
+    def _retarget(self, error: KvError) -> None:
+        """Where a retry goes when the key's partition has several replicas: the leader a
+        NOT_LEADER refusal named, or after the node tried could not serve (unreachable, no
+        leader yet), the next replica in ring order; any replica forwards to the leader."""
+        sent, cluster_map = self._sent, self._map
+        if sent is None or cluster_map is None or cluster_map.replication_factor < 2:
+            return
+        replicas = cluster_map.placement.replicas_for_key(self.call.key)
+        hinted = error.metadata.get("leader_id")
+        if hinted in replicas:
+            self._target = hinted
+        elif isinstance(error, UnavailableError) and sent.node_id in replicas:
+            self._target = replicas[(replicas.index(sent.node_id) + 1) % len(replicas)]

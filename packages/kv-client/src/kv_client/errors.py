@@ -90,6 +90,19 @@ class OverloadedError(UnavailableError):
         return int(raw) / 1000 if raw is not None and raw.isdigit() else None
 
 
+class NotLeaderError(UnavailableError):
+    """The node does not lead the key's partition (or it has no leader yet, during an
+    election): the operation did not run, so even a write may be resent.
+
+    ``leader_id`` names the leader the node knew of, when it knew one."""
+
+    never_ran = True
+
+    @property
+    def leader_id(self) -> str | None:
+        return self.metadata.get("leader_id")
+
+
 class DeadlineExceededError(KvError):
     """The call's deadline passed before an answer came. The outcome is unknown."""
 
@@ -124,6 +137,7 @@ BY_REASON: Mapping[str, type[KvError]] = {
     Reason.OWNER_UNAVAILABLE: UnavailableError,
     Reason.SHUTTING_DOWN: UnavailableError,
     Reason.OVERLOADED: OverloadedError,
+    Reason.NOT_LEADER: NotLeaderError,
 }
 """The class of a refusal whose reason we know; it decides before the status code."""
 

@@ -12,7 +12,10 @@ Which calls are retried:
   outcome is unknown and the error goes to the caller.
 
 An overloaded node names how long to wait (``OverloadedError.retry_after``);
-the pause is never shorter than that hint.
+the pause is never shorter than that hint. A refusal because the partition's
+leader is elsewhere or being elected (``NotLeaderError``) is retried, with
+backoff, until the call's deadline rather than ``max_attempts`` times: the
+operation did not run, and an election ends within a few election timeouts.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kv_client.errors import KvError, OverloadedError
+from kv_client.errors import KvError, NotLeaderError, OverloadedError
 
 
 class Safety(enum.Enum):
@@ -47,7 +50,11 @@ class RetryPolicy:
     def should_retry(
         self, error: KvError, *, attempt: int, safety: Safety, never_sent: bool
     ) -> bool:
-        if attempt + 1 >= self.max_attempts or not error.retriable:
+        if not error.retriable:
+            return False
+        if attempt + 1 >= self.max_attempts and not isinstance(error, NotLeaderError):
+            # An election in progress ends within a few election timeouts, and the
+            # operation did not run: only the call's deadline bounds waiting it out.
             return False
         if safety is Safety.UNCONDITIONAL:
             return error.invalid_metadata or error.never_ran or never_sent

@@ -113,6 +113,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
         self._node = node
         self._wrapped: dict[str, Handler] = {}
         self.in_flight = 0
+        self.idle = asyncio.Event()
+        """Set while no kv.v1 call is in flight (a stopping node waits for it)."""
+        self.idle.set()
 
     async def intercept_service(
         self,
@@ -166,6 +169,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 if admitted:
                     self.in_flight -= 1
                     admitted = False
+                    if not self.in_flight:
+                        self.idle.set()
                 if counted and not finished:
                     node.requests_served += 1
                     metrics.requests.labels(name, outcome).inc()
@@ -185,6 +190,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
                     self._admissible(counted, bound)
                     self.in_flight += 1
                     admitted = True
+                    self.idle.clear()
                 try:
                     request = decode(raw) if decode is not None else raw
                 except Exception:

@@ -57,6 +57,14 @@ MAX_LMDB_MAP_SIZE = 1 << 46
 MAX_VNODES = 4096
 """Ring points per node; the ring is built at start, so this bounds start-up time."""
 
+MAX_REPLICATION_FACTOR = 7
+"""More copies than this is a typo: every write waits for a majority of them."""
+
+DEFAULT_RAFT_TICK_MS = 100
+MIN_RAFT_TICK_MS = 10
+MAX_RAFT_TICK_MS = 10_000
+"""A tick below 10 ms would spend the node on timers; above 10 s failover takes minutes."""
+
 STATIC_EPOCH = 1
 """Membership is fixed at start in this version, so the map has a single epoch."""
 
@@ -206,7 +214,25 @@ class NodeConfig:
         "requests worked on at once; beyond it new requests are refused as OVERLOADED",
         parse=int,
     )
+    replication_factor: int = flag(
+        1,
+        "copies of each partition, each copy set a Raft group; capped at the member count; "
+        "1 keeps one copy and no Raft; must be the same on every node",
+        parse=int,
+    )
+    raft_tick_ms: int = flag(
+        DEFAULT_RAFT_TICK_MS,
+        "milliseconds per Raft tick (replication); elections take 10-20 ticks",
+        parse=int,
+    )
+    peer_via: str | None = flag(
+        None,
+        "dial these peers' Raft streams at another address (e.g. through a proxy), as "
+        "id=host:port,...; clients and the cluster map keep the --cluster addresses",
+        metavar="ID=HOST:PORT,...",
+    )
     cluster_map: ClusterMap = field(init=False, repr=False, compare=False)
+    peer_dial: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
@@ -235,12 +261,18 @@ class NodeConfig:
                 epoch=STATIC_EPOCH,
                 members=members or (Member(self.node_id, advertise),),
                 partitions=self.partitions,
-                replication_factor=1,
+                replication_factor=min(self.replication_factor, len(members) or 1),
                 vnodes=self.vnodes,
                 limits=self.limits,
             )
         except ClusterMapError as exc:
             raise ConfigError(str(exc)) from exc
+        peer_dial: dict[str, str] = {}
+        for member in parse_cluster(self.peer_via) if self.peer_via else ():
+            if member.node_id not in listed or member.node_id == self.node_id:
+                raise ConfigError(f"--peer-via names {member.node_id!r}, which is not a peer")
+            peer_dial[member.node_id] = member.address
+        object.__setattr__(self, "peer_dial", peer_dial)
         object.__setattr__(self, "listen", listen)
         object.__setattr__(self, "advertise", advertise)
         object.__setattr__(self, "cluster_map", cluster_map)
@@ -254,6 +286,8 @@ class NodeConfig:
             ("--vnodes", self.vnodes, 1, MAX_VNODES),
             ("--lmdb-map-size", self.lmdb_map_size, MIN_LMDB_MAP_SIZE, MAX_LMDB_MAP_SIZE),
             ("--max-in-flight", self.max_in_flight, 1, 1_000_000),
+            ("--replication-factor", self.replication_factor, 1, MAX_REPLICATION_FACTOR),
+            ("--raft-tick-ms", self.raft_tick_ms, MIN_RAFT_TICK_MS, MAX_RAFT_TICK_MS),
         ):
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
@@ -267,6 +301,11 @@ class NodeConfig:
                 raise ConfigError(
                     f"{name} must be {floor} and at most {MAX_SECONDS:g} seconds, got {seconds}"
                 )
+
+    @property
+    def replicated(self) -> bool:
+        """Whether partitions are Raft groups (an effective replication factor above 1)."""
+        return self.cluster_map.replication_factor > 1
 
     @property
     def max_key_bytes(self) -> int:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from kv_node.replication.storage import ReplicaStore
 from kv_node.store import Store, StoreError
 from kv_node.store.lmdb_file import DATA_FILE
 from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE, LmdbStore, inspect
@@ -29,8 +30,11 @@ from kv_node.store.memory import MemoryStore
 
 IDENTITY_FILE = "kv-node.json"
 LMDB_DIR = "lmdb"
+REPLICA_DIR = "replicas"
+"""Where a replicated node (``--replication-factor`` above 1) keeps its replica store."""
 IDENTITY_FORMAT = 2
-"""1: node id only. 2: adds ``lmdb_store_id`` once an LMDB store exists."""
+"""1: node id only. 2: adds ``lmdb_store_id`` once an LMDB store exists, or
+``replica_store_id`` once a replica store exists (never both)."""
 _KNOWN_FORMATS = (1, 2)
 _STORE_ID_HEX_DIGITS = 32
 ENGINES = ("lmdb", "memory")
@@ -41,6 +45,7 @@ class Identity(NamedTuple):
     node_id: str
     format: int
     lmdb_store_id: str | None = None
+    replica_store_id: str | None = None
 
 
 def read_identity(data_dir: Path) -> Identity | None:
@@ -66,6 +71,7 @@ def read_identity(data_dir: Path) -> Identity | None:
         node_id=document["node_id"],
         format=document["format"],
         lmdb_store_id=document.get("lmdb_store_id"),
+        replica_store_id=document.get("replica_store_id"),
     )
 
 
@@ -81,14 +87,17 @@ def _shape_problem(document: object) -> str | None:
     version = document.get("format")
     if type(version) is not int or version not in _KNOWN_FORMATS:
         return "format is not one of " + ", ".join(map(str, _KNOWN_FORMATS))
-    store_id = document.get("lmdb_store_id")
-    if store_id is not None and (
-        version < 2
-        or not isinstance(store_id, str)
-        or len(store_id) != _STORE_ID_HEX_DIGITS
-        or any(c not in "0123456789abcdef" for c in store_id)
-    ):
-        return "lmdb_store_id is not a store id"
+    for name in ("lmdb_store_id", "replica_store_id"):
+        store_id = document.get(name)
+        if store_id is not None and (
+            version < 2
+            or not isinstance(store_id, str)
+            or len(store_id) != _STORE_ID_HEX_DIGITS
+            or any(c not in "0123456789abcdef" for c in store_id)
+        ):
+            return f"{name} is not a store id"
+    if document.get("lmdb_store_id") is not None and document.get("replica_store_id") is not None:
+        return "it records both a single-copy and a replica store"
     return None
 
 
@@ -96,6 +105,8 @@ def _write_identity(data_dir: Path, identity: Identity) -> None:
     document: dict[str, object] = {"node_id": identity.node_id, "format": identity.format}
     if identity.lmdb_store_id is not None:
         document["lmdb_store_id"] = identity.lmdb_store_id
+    if identity.replica_store_id is not None:
+        document["replica_store_id"] = identity.replica_store_id
     try:
         tmp = data_dir / (IDENTITY_FILE + ".tmp")
         with tmp.open("w") as f:
@@ -171,6 +182,11 @@ def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
         raise StoreError(
             f"data directory {data_dir} belongs to node {identity.node_id!r}, not {node_id!r}"
         )
+    if identity is not None and identity.replica_store_id is not None:
+        raise StoreError(
+            f"data directory {data_dir} holds a replica store (--replication-factor above 1); "
+            "a single-copy node needs a directory of its own (there is no migration yet)"
+        )
     lmdb_dir = data_dir / LMDB_DIR
     info = inspect(lmdb_dir)
     if identity is not None and identity.lmdb_store_id is not None:
@@ -202,6 +218,57 @@ def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
         except StoreError:
             store.close()
             raise
+    return store
+
+
+def open_replica_store(data_dir: Path, node_id: str, *, map_size: int) -> ReplicaStore:
+    """The replica store of a replicated node, with the same checks as the single-copy one.
+
+    A replica that lost its store and came back empty under its old name could vote a second
+    time in a term it already voted in, and elect two leaders: so a directory whose identity
+    records a replica store that is now missing or replaced is refused, never started empty.
+    """
+    _check_usable(data_dir)
+    identity = read_identity(data_dir)
+    if identity is not None and identity.node_id != node_id:
+        raise StoreError(
+            f"data directory {data_dir} belongs to node {identity.node_id!r}, not {node_id!r}"
+        )
+    if identity is not None and identity.lmdb_store_id is not None:
+        raise StoreError(
+            f"data directory {data_dir} holds a single-copy store; --replication-factor above 1 "
+            "needs a directory of its own (there is no migration yet)"
+        )
+    replica_dir = data_dir / REPLICA_DIR
+    recorded = identity.replica_store_id if identity is not None else None
+    if recorded is not None and not (replica_dir / DATA_FILE).exists():
+        raise StoreError(
+            f"{replica_dir / DATA_FILE} is missing, but {IDENTITY_FILE} records a replica store "
+            "there; refusing to start empty (a replica that forgot its votes could elect two "
+            "leaders)"
+        )
+    if identity is None and (replica_dir / DATA_FILE).exists():
+        raise StoreError(
+            f"{replica_dir} holds a replica store but {data_dir} has no {IDENTITY_FILE}; "
+            "refusing to guess which node it belongs to"
+        )
+    if identity is None:
+        claim(data_dir, node_id)
+    store = ReplicaStore.open(replica_dir, map_size=map_size)
+    try:
+        if recorded is not None and recorded != store.store_id:
+            raise StoreError(
+                f"the replica store in {replica_dir} is not the one {IDENTITY_FILE} records "
+                f"({store.store_id} instead of {recorded})"
+            )
+        if recorded is None:
+            _write_identity(
+                data_dir,
+                Identity(node_id, IDENTITY_FORMAT, replica_store_id=store.store_id),
+            )
+    except BaseException:
+        store.close()
+        raise
     return store
 
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from kv_node.config import ConfigError, NodeConfig, config_flags
-from kv_node.data_dir import discard_if_not_started, open_store
-from kv_node.server import check_bindable, serve
+from kv_node.data_dir import discard_if_not_started, open_replica_store, open_store
+from kv_node.replication.replica import Replication, ReplicationConfig
+from kv_node.server import ReplicationFailed, check_bindable, serve
 from kv_node.store import StoreError
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 1
+"""The node stopped because it could not go on safely (see ``ReplicationFailed``)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +48,28 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(**vars(args))
 
 
+def replication_opener(config: NodeConfig) -> Callable[[], Replication]:
+    """What opens a replicated node's data: the replica store, then the Raft groups."""
+    if config.engine != "lmdb" or config.data_dir is None:
+        raise ConfigError("--replication-factor above 1 needs the lmdb engine and --data-dir")
+    data_dir = config.data_dir
+
+    def open_replication() -> Replication:
+        store = open_replica_store(data_dir, config.node_id, map_size=config.lmdb_map_size)
+        try:
+            return Replication(
+                config.node_id,
+                config.cluster_map,
+                store,
+                ReplicationConfig.for_tick(config.raft_tick_ms / 1000, dial=config.peer_dial),
+            )
+        except BaseException:
+            store.close()
+            raise
+
+    return open_replication
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -58,13 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         with discard_if_not_started(config.data_dir) as started:
-            store = open_store(
-                config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
-            )
-            asyncio.run(serve(config, store, ready=started))
+            if config.replicated:
+                asyncio.run(serve(config, replication_opener(config), ready=started))
+            else:
+                store = open_store(
+                    config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
+                )
+                asyncio.run(serve(config, store, ready=started))
     except (ConfigError, StoreError) as exc:
         print(f"kv-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except ReplicationFailed as exc:
+        print(f"kv-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

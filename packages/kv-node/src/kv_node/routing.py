@@ -8,7 +8,7 @@ table. Replication will add one more outcome here ("not the leader").
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,9 +94,19 @@ NO_MARKS = Marks()
 class Router:
     """The routing decision for one node at one cluster map."""
 
-    def __init__(self, node_id: str, cluster_map: ClusterMap) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        cluster_map: ClusterMap,
+        *,
+        leader_of: Callable[[int], str | None] | None = None,
+    ) -> None:
+        """``leader_of`` (replicated partitions) names the member this node believes leads a
+        partition; without it the key's owner (first replica) serves it."""
         self.node_id = node_id
         self.cluster_map = cluster_map
+        self._leader_of = leader_of
+        self._partition_of = cluster_map.placement.partition_of
         self._owner_of_key = cluster_map.placement.owner_of_key
         limits = cluster_map.limits
         self._max_key = limits.max_key_bytes
@@ -121,6 +131,8 @@ class Router:
                 Reason.VALUE_TOO_LARGE,
                 {"limit": str(self._max_value), "size": str(value_size)},
             )
+        if self._leader_of is not None:
+            return self._to_leader(key, marks)
         owner = self._owner_of_key(key)
         if owner == self.node_id:
             return LOCAL
@@ -142,6 +154,33 @@ class Router:
                 f"{self.cluster_map.placement.partition_of(key)}",
             )
         return self._forwards[owner]
+
+    def _to_leader(self, key: bytes, marks: Marks) -> Decision:
+        """Replicated: the partition's leader serves it. Any node forwards there once (so a
+        client without the SDK reaches it); a forwarded request that missed the leader, or
+        a partition with no known leader, is refused as never run, for the caller to retry."""
+        assert self._leader_of is not None
+        group = self._partition_of(key)
+        leader = self._leader_of(group)
+        if leader == self.node_id:
+            return LOCAL
+        if leader is None:
+            return self.not_leader(group, None, f"partition {group} has no leader yet")
+        if marks.forwarded:
+            return self.not_leader(
+                group, leader, f"node {self.node_id!r} does not lead partition {group}"
+            )
+        return self._forwards[leader]
+
+    def not_leader(self, group: int, leader: str | None, why: str) -> Refusal:
+        """The refusal of an operation on a partition this node does not lead: UNAVAILABLE
+        (retry), reason NOT_LEADER, naming the leader it knows of when it knows one."""
+        metadata = {"partition": str(group)}
+        if leader is not None and leader != self.node_id:
+            metadata["leader_id"] = leader
+            metadata["leader_address"] = self.cluster_map.address_of(leader)
+            why += f"; its leader is {leader!r} at {metadata['leader_address']}"
+        return Refusal(StatusCode.UNAVAILABLE, why, Reason.NOT_LEADER, metadata)
 
     def check_batch(self, operations: int, size: int) -> Refusal | None:
         """A Batch over the node's count or byte limit is refused as a whole."""

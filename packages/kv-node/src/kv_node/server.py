@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
@@ -15,8 +16,12 @@ from grpc_reflection.v1alpha import reflection
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kv_node.call_guard import CallGuard
 from kv_node.config import ConfigError, NodeConfig, parse_address
+from kv_node.replication.replica import Replication
 from kv_node.servicer import ClusterServicer, KVServicer, Node
 from kv_node.store import Store
+
+LEADERS_WAIT_SECONDS = 10.0
+"""How long a replicated node waits for its partitions' leaders before it reports SERVING."""
 
 SERVICE_NAMES = (
     kv_pb2.DESCRIPTOR.services_by_name["KVService"].full_name,
@@ -47,9 +52,12 @@ def check_bindable(address: str, *, what: str = "listen on") -> None:
 class NodeServer:
     """A started node. ``start`` binds everything or raises ConfigError; ``stop`` drains."""
 
-    def __init__(self, config: NodeConfig, store: Store) -> None:
+    def __init__(self, config: NodeConfig, data: Store | Replication) -> None:
         self.config = config
-        self.node = Node(config, store)
+        if isinstance(data, Replication):
+            self.node = Node(config, None, data)
+        else:
+            self.node = Node(config, data)
         self.port = 0
 
     async def start(self) -> None:
@@ -64,6 +72,8 @@ class NodeServer:
             ClusterServicer(self.node), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.node.replication is not None:
+            self.node.replication.add_to_server(self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
@@ -87,6 +97,13 @@ class NodeServer:
                     f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror}"
                 ) from exc
         await self.server.start()
+        if self.node.replication is not None:
+            # Reported SERVING once every partition here has a leader (or after a bound, when
+            # too few peers are up for some to elect one), so that a cluster that says it is
+            # up does not begin by refusing writes for an election.
+            self.node.replication.start()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.node.replication.all_led.wait(), LEADERS_WAIT_SECONDS)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -95,22 +112,46 @@ class NodeServer:
         self.node.draining = True
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        replication = self.node.replication
+        if replication is not None:
+            # Peers' Raft streams never end by themselves: let the calls in flight finish
+            # (they need the runtime), then stop replicating, which ends the streams both
+            # ways, so that the server's stop below does not wait out the whole grace.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.guard.idle.wait(), self.config.drain_seconds)
+            await replication.stop()
         await self.server.stop(self.config.drain_seconds)
-        await self.node.committer.drain()
+        if self.node.committer is not None:
+            await self.node.committer.drain()
         await self.node.peers.close()
         await self.node.metrics.close()
-        self.node.store.close()
+        if self.node.store is not None:
+            self.node.store.close()
 
 
-def describe(config: NodeConfig, store: Store) -> str:
+async def close(data: Store | Replication | None) -> None:
+    """Close the node's data: a single-copy store, or replication (runtime, streams, store)."""
+    if isinstance(data, Replication):
+        await data.stop()
+    elif data is not None:
+        data.close()
+
+
+def describe(config: NodeConfig, data: Store | Replication) -> str:
     cluster = config.cluster_map
-    owned = len(cluster.placement.owned_partitions(config.node_id))
     where = f" in {config.data_dir}" if config.data_dir else ""
+    if isinstance(data, Replication):
+        hosted = len(data.driver.groups)
+        store_line = f"  store: lmdb replicas{where}, {data.store.count()} records"
+        placed = f"replication factor {cluster.replication_factor}, {hosted} replicated here"
+    else:
+        owned = len(cluster.placement.owned_partitions(config.node_id))
+        store_line = f"  store: {data.engine}{where}, {data.count()} keys, revision {data.revision}"
+        placed = f"{owned} owned here"
     lines = [
         f"kv-node {config.node_id} listening on {config.listen} (advertised {config.advertise})",
-        f"  store: {store.engine}{where}, {store.count()} keys, revision {store.revision}",
-        f"  cluster: {len(cluster.members)} nodes, {cluster.partitions} partitions, "
-        f"{owned} owned here",
+        store_line,
+        f"  cluster: {len(cluster.members)} nodes, {cluster.partitions} partitions, {placed}",
     ]
     if config.metrics_listen:
         lines.append(f"  metrics: http://{config.metrics_listen}/metrics")
@@ -118,23 +159,44 @@ def describe(config: NodeConfig, store: Store) -> str:
 
 
 async def serve(
-    config: NodeConfig, store: Store, *, ready: Callable[[], None] | None = None
+    config: NodeConfig,
+    data: Store | Callable[[], Replication],
+    *,
+    ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and close."""
-    node_server = NodeServer(config, store)
+    """Serve until SIGTERM or SIGINT, then drain and close.
+
+    ``data`` is a single-copy store, or what builds the replication (inside the event loop,
+    where its asyncio parts must be created)."""
+    opened = data if not callable(data) else data()
+    node_server = NodeServer(config, opened)
     try:
         await node_server.start()
     except BaseException:
-        store.close()
+        await close(opened)
         raise
-    print(describe(config, store), flush=True)
+    print(describe(config, opened), flush=True)
     if ready is not None:
         ready()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
-    print(f"kv-node {config.node_id} stopping: draining in-flight requests", file=sys.stderr)
+    waits = [asyncio.ensure_future(stopping.wait())]
+    if isinstance(opened, Replication):
+        waits.append(asyncio.ensure_future(opened.runtime.stopped.wait()))
+    _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in pending:
+        wait.cancel()
+    failure = opened.runtime.failure if isinstance(opened, Replication) else None
+    if failure is None:
+        print(f"kv-node {config.node_id} stopping: draining in-flight requests", file=sys.stderr)
     await node_server.stop()
+    if failure is not None:
+        raise ReplicationFailed(f"replication stopped: {failure}") from failure
     print(f"kv-node {config.node_id} stopped", file=sys.stderr, flush=True)
+
+
+class ReplicationFailed(Exception):
+    """The replication runtime could not go on (a failed write to the replica store): the
+    node exits rather than serve with promises it may have broken."""

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -26,6 +26,8 @@ from kv_node.committer import GroupCommitter
 from kv_node.config import NodeConfig
 from kv_node.metrics import NodeMetrics
 from kv_node.peers import Peers
+from kv_node.replication.pending import EntryFailed, LeadershipLost, ProposalLost
+from kv_node.replication.replica import Replication
 from kv_node.routing import (
     LOCAL,
     Forward,
@@ -53,22 +55,108 @@ Response = TypeVar("Response", bound=Message)
 
 
 class Node:
-    """Everything the servicers share: configuration, store, peers, counters."""
+    """Everything the servicers share: configuration, data, peers, counters.
 
-    def __init__(self, config: NodeConfig, store: Store) -> None:
+    The data is either a single-copy ``store`` (replication factor 1: the key's owner holds
+    it, writes go through the group committer) or ``replication`` (every partition a Raft
+    group: writes and reads go through the partition's leader).
+    """
+
+    def __init__(
+        self, config: NodeConfig, store: Store | None, replication: Replication | None = None
+    ) -> None:
+        if (store is None) == (replication is None):
+            raise ValueError("a node serves either a single-copy store or replication")
         self.config = config
         self.store = store
-        self.router = Router(config.node_id, config.cluster_map)
-        self.committer = GroupCommitter(store)
+        self.replication = replication
+        leader_of = replication.leader if replication is not None else None
+        self.router = Router(config.node_id, config.cluster_map, leader_of=leader_of)
+        self.committer = GroupCommitter(store) if store is not None else None
         self.peers = Peers(
             dict(config.cluster_map.addresses), max_message_bytes=config.max_message_bytes
         )
-        self.metrics = NodeMetrics(lambda: float(store.count()))
+        self.metrics = NodeMetrics(self.keys_stored)
         self.started = time.monotonic()
         self.requests_served = 0
         self.requests_forwarded = 0
         self.draining = False
         self._map_replies: dict[tuple[int, bool], cluster_pb2.GetClusterMapResponse] = {}
+
+    def keys_stored(self) -> float:
+        if self.store is not None:
+            return float(self.store.count())
+        assert self.replication is not None
+        return float(self.replication.store.count())
+
+    @property
+    def engine(self) -> str:
+        return self.store.engine if self.store is not None else "lmdb-replicated"
+
+    async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Write ops of keys this node serves (``Router.route`` said LOCAL), in order."""
+        return cast(list[WriteResult], await self.apply(ops))
+
+    async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+        """Apply ops of keys this node serves in order; reads among them see earlier writes.
+
+        Replicated: ops of one partition become one entry of its log (one Raft proposal);
+        a batch spanning partitions is one proposal per partition, applied concurrently
+        (per-key order holds because a key has one partition). A refusal fails the whole
+        call; ``Batch`` uses ``apply_partition`` to keep other partitions' results."""
+        if self.committer is not None:
+            return await self.committer.apply(ops)
+        results: list[Outcome | None] = [None] * len(ops)
+        await asyncio.gather(
+            *(
+                self._apply_partition(group, [(i, ops[i]) for i in indexes], results)
+                for group, indexes in self.by_partition(ops).items()
+            )
+        )
+        return [r for r in results if r is not None]
+
+    def by_partition(self, ops: Sequence[Op]) -> dict[int, list[int]]:
+        assert self.replication is not None
+        group_of = self.replication.group_of
+        groups: dict[int, list[int]] = {}
+        for index, op in enumerate(ops):
+            groups.setdefault(group_of(op.key), []).append(index)
+        return groups
+
+    async def _apply_partition(
+        self, group: int, ops: list[tuple[int, Op]], results: list[Outcome | None]
+    ) -> None:
+        outcomes = await self.apply_partition(group, [op for _, op in ops])
+        for (index, _), outcome in zip(ops, outcomes, strict=True):
+            results[index] = outcome
+
+    async def apply_partition(self, group: int, ops: Sequence[Op]) -> list[Outcome]:
+        """One Raft proposal of ``ops`` (all of ``group``); refusals raise ``Refused``."""
+        replication = self.replication
+        assert replication is not None
+        try:
+            return await replication.write(group, list(ops))
+        except (LeadershipLost, ProposalLost) as lost:
+            raise Refused(self._not_leader(group, lost)) from None
+        except EntryFailed as failed:
+            raise Refused(Refusal(grpc.StatusCode.INTERNAL, str(failed), Reason.INTERNAL)) from None
+
+    async def read(self, key: bytes) -> tuple[bytes, int] | None:
+        """A read of a key this node serves: linearizable when replicated (ReadIndex)."""
+        if self.store is not None:
+            return self.store.get(key)
+        replication = self.replication
+        assert replication is not None
+        group = replication.group_of(key)
+        try:
+            return await replication.read(group, key)
+        except LeadershipLost as lost:
+            raise Refused(self._not_leader(group, lost)) from None
+
+    def _not_leader(self, group: int, lost: Exception) -> Refusal:
+        assert self.replication is not None
+        leader = self.replication.leader(group)
+        return self.router.not_leader(group, leader, f"{lost}; the operation did not run")
 
     def cluster_map_reply(self, include_partitions: bool) -> cluster_pb2.GetClusterMapResponse:
         """The encoded map, built once per epoch: with partitions it is thousands of messages."""
@@ -188,8 +276,9 @@ def plan_batch(
     router: Router,
     operations: Sequence[kv_pb2.Operation],
     marks: Marks,
-    read: Callable[[bytes], tuple[bytes, int] | None],
+    read: Callable[[bytes], tuple[bytes, int] | None] | None,
 ) -> BatchPlan:
+    """``read`` answers a get at planning time; None sends every get with the writes."""
     plan = BatchPlan(results=[None] * len(operations))
     results, local, remote = plan.results, plan.local, plan.remote
     written: set[bytes] = set()
@@ -203,7 +292,7 @@ def plan_batch(
         decision = route(kind, key, size, marks)
         if decision is LOCAL:
             if kind == "get":
-                if key in written:
+                if key in written or read is None:
                     local.append((index, GetOp(key)))
                 else:
                     results[index] = kv_pb2.OperationResult(get=_get_response(read(key)))
@@ -235,7 +324,15 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         marks = Marks.from_metadata(context.invocation_metadata())
         decision = node.router.route(kind, request.key, size, marks)
         if decision is LOCAL:
-            return await local()
+            try:
+                return await local()
+            except Refused as refused:
+                # Replicated: the leadership moved while the operation waited, and it did
+                # not run; a request that has not hopped yet follows it to the new leader.
+                leader = refused.refusal.metadata.get("leader_id")
+                if refused.refusal.reason != Reason.NOT_LEADER or marks.forwarded or not leader:
+                    raise
+                decision = Forward(leader)
         if isinstance(decision, Forward):
             call = remote(node.peers.kv(decision.owner))
             timeout = node.forward_timeout(context)
@@ -245,13 +342,14 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
 
     async def Put(self, request: kv_pb2.PutRequest, context: Context) -> kv_pb2.PutResponse:
         async def local() -> kv_pb2.PutResponse:
-            return _put_response(await self._node.committer.write(_write_op(request)))
+            (result,) = await self._node.write((_write_op(request),))
+            return _put_response(result)
 
         return await self._single("Put", "put", request, context, local, lambda s: s.Put)
 
     async def Get(self, request: kv_pb2.GetRequest, context: Context) -> kv_pb2.GetResponse:
         async def local() -> kv_pb2.GetResponse:
-            return _get_response(self._node.store.get(request.key))
+            return _get_response(await self._node.read(request.key))
 
         return await self._single("Get", "get", request, context, local, lambda s: s.Get)
 
@@ -259,7 +357,8 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         self, request: kv_pb2.DeleteRequest, context: Context
     ) -> kv_pb2.DeleteResponse:
         async def local() -> kv_pb2.DeleteResponse:
-            return _delete_response(await self._node.committer.write(_write_op(request)))
+            (result,) = await self._node.write((_write_op(request),))
+            return _delete_response(result)
 
         return await self._single("Delete", "delete", request, context, local, lambda s: s.Delete)
 
@@ -271,14 +370,33 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
             raise Refused(too_large)
         node.metrics.batch_operations.inc(len(operations))
         marks = Marks.from_metadata(context.invocation_metadata())
-        plan = plan_batch(node.router, operations, marks, node.store.get)
+        # Replicated, every get goes through its partition's log with the batch's writes,
+        # which makes it linearizable; a single copy may answer gets while planning.
+        read = node.store.get if node.store is not None else None
+        plan = plan_batch(node.router, operations, marks, read)
         results = plan.results
 
         async def commit_local() -> None:
             if not plan.local:
                 return
-            outcomes = await node.committer.apply([op for _, op in plan.local])
-            for (index, op), outcome in zip(plan.local, outcomes, strict=True):
+            if node.replication is None:
+                outcomes = await node.apply([op for _, op in plan.local])
+                for (index, op), outcome in zip(plan.local, outcomes, strict=True):
+                    results[index] = _local_result(op, outcome)
+                return
+            groups = node.by_partition([op for _, op in plan.local])
+            await asyncio.gather(
+                *(commit_partition(g, [plan.local[i] for i in idx]) for g, idx in groups.items())
+            )
+
+        async def commit_partition(group: int, ops: list[tuple[int, Op]]) -> None:
+            try:
+                outcomes = await node.apply_partition(group, [op for _, op in ops])
+            except Refused as refused:
+                for index, _ in ops:
+                    results[index] = _error_result(refused.refusal)
+                return
+            for (index, op), outcome in zip(ops, outcomes, strict=True):
                 results[index] = _local_result(op, outcome)
 
         async def forward_group(owner: str, indexes: list[int]) -> None:
@@ -317,8 +435,8 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
             node_id=node.config.node_id,
             address=node.config.advertise or "",
             uptime_seconds=time.monotonic() - node.started,
-            keys_stored=node.store.count(),
-            engine=node.store.engine,
+            keys_stored=int(node.keys_stored()),
+            engine=node.engine,
             version=__version__,
             requests_served=node.requests_served,
             requests_forwarded=node.requests_forwarded,

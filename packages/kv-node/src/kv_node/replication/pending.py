@@ -6,9 +6,14 @@ they settle the callers' futures. Keeping them apart from the runtime's loop is 
 rules below be tested one by one.
 
 **Writes** (``Proposals``). Callers' writes to one group queue up between two runtime cycles;
-the runtime proposes everything queued for a group as ONE entry (so a burst of writes costs
-one entry, one append message per follower, one apply), then records which callers own which
-slice of the entry. When that index is applied, each caller gets its slice of the outcomes.
+the runtime proposes what is queued for a group as one entry (so a burst of writes costs one
+entry, one append message per follower, one apply), then records which callers own which
+slice of the entry. Every op of an entry gets the entry's Raft index as its version, so two
+callers' writes to the same key never share an entry (else both would get one version, and a
+conditional write against it could overwrite the other caller's value): a caller who writes a
+key the open entry already writes, or who would take it past ``max_entry_ops``, starts the next
+entry. (Reads may share: a read sees the writes before it and reports their version.) When
+that index is applied, each caller gets its slice of the outcomes.
 If a different entry is applied at that index (a new leader overwrote ours), the write never
 happened: the callers get ``ProposalLost``, which is safe to retry.
 
@@ -28,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
-from kv_node.store import Op, Outcome
+from kv_node.store import GetOp, Op, Outcome
 
 DEFAULT_MAX_ENTRY_OPS = 1024
 """Most ops one entry carries: bounds an entry's size and its apply time."""
@@ -72,6 +77,7 @@ class _Entry:
 class _Queue:
     ops: list[Op] = field(default_factory=list)
     waiters: list[_Waiter] = field(default_factory=list)
+    written: set[bytes] = field(default_factory=set)
 
 
 class Proposals:
@@ -86,11 +92,17 @@ class Proposals:
             raise ValueError("a proposal needs at least one op")
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         queues = self._queued.setdefault(group, [])
-        if not queues or len(queues[-1].ops) + len(ops) > self._max_entry_ops:
+        written = {op.key for op in ops if not isinstance(op, GetOp)}
+        if (
+            not queues
+            or len(queues[-1].ops) + len(ops) > self._max_entry_ops
+            or not written.isdisjoint(queues[-1].written)
+        ):
             queues.append(_Queue())
         tail = queues[-1]
         tail.ops.extend(ops)
         tail.waiters.append((len(ops), future))
+        tail.written |= written
         return future
 
     def take(self) -> Iterator[tuple[int, list[Op], list[_Waiter]]]:

@@ -15,6 +15,7 @@ then the transport and the runtime start.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,12 @@ import grpc
 
 from kv_common.cluster_map import ClusterMap
 from kv_node.replication.multiraft import MultiRaft
-from kv_node.replication.runtime import DEFAULT_TICK_SECONDS, ReplicationRuntime
+from kv_node.replication.runtime import (
+    DEFAULT_COMPACT_AFTER,
+    DEFAULT_KEEP_AFTER_COMPACT,
+    DEFAULT_TICK_SECONDS,
+    ReplicationRuntime,
+)
 from kv_node.replication.storage import ReplicaStore
 from kv_node.replication.transport import PeerTransport, TransportConfig, raft_node_ids
 from kv_node.store import Op, Outcome
@@ -39,6 +45,23 @@ class ReplicationConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     seed: int | None = None
     """Election jitter seed; None draws one (tests pin it to replay)."""
+    dial: dict[str, str] = field(default_factory=dict)
+    """Peers reached at another address than the map's (``--peer-via``)."""
+    compact_after: int = DEFAULT_COMPACT_AFTER
+    keep_after_compact: int = DEFAULT_KEEP_AFTER_COMPACT
+
+    @classmethod
+    def for_tick(
+        cls, tick_seconds: float, *, dial: dict[str, str] | None = None
+    ) -> ReplicationConfig:
+        """Transport liveness scaled to the tick: a heartbeat every 2.5 ticks, a peer dead
+        after ``election_tick`` ticks of silence (so a dead leader is noticed no later than
+        an election timeout would notice it)."""
+        transport = TransportConfig(
+            heartbeat_interval=2.5 * tick_seconds,
+            dead_after=DEFAULT_ELECTION_TICK * tick_seconds,
+        )
+        return cls(tick_seconds=tick_seconds, transport=transport, dial=dict(dial or {}))
 
 
 class Replication:
@@ -83,13 +106,20 @@ class Replication:
             self._on_peer_state,
             config=config.transport,
             rng=random.Random(seed),
+            dial=config.dial,
         )
         self.runtime = ReplicationRuntime(
             driver=self.driver,
             store=store,
             transport=self.transport,
             tick_seconds=config.tick_seconds,
+            on_leader_change=self._on_leader_change,
+            compact_after=config.compact_after,
+            keep_after_compact=config.keep_after_compact,
         )
+        self._leaderless = set(groups)
+        self.all_led = asyncio.Event()
+        """Set once every hosted group has known a leader (readiness at start)."""
 
     @classmethod
     def open(
@@ -148,3 +178,9 @@ class Replication:
 
     def _on_peer_state(self, peer: int, alive: bool) -> None:
         self.runtime.on_peer_state(peer, alive)
+
+    def _on_leader_change(self, group: int, leader: int) -> None:
+        if leader != NO_NODE and self._leaderless:
+            self._leaderless.discard(group)
+            if not self._leaderless:
+                self.all_led.set()

@@ -7,7 +7,8 @@ contract (``kv_raft``'s package docstring) requires, for all groups at once:
 
 1. On a tick, or as soon as anything arrives (a message, a write, a read, a peer's liveness
    change), it feeds the driver: messages received since the last cycle, writes queued for
-   each group (one entry per group per cycle), ReadIndex requests.
+   each group (one entry per group per cycle, more for large or conflicting ones; see
+   ``pending``), ReadIndex requests.
 2. ``collect()`` gives every group's Ready. One write transaction persists all their log
    entries, hard states and snapshots and applies all their committed entries, with at most
    one fsync, in a worker thread (fsync blocks).
@@ -16,7 +17,8 @@ contract (``kv_raft``'s package docstring) requires, for all groups at once:
 4. Callers are answered from what was applied; ``advance`` tells the driver.
 
 Everything that touches the driver runs in the runtime's own task, one cycle at a time, so
-the driver needs no locks; what arrives during a cycle waits in bounded inboxes.
+the driver needs no locks; what arrives during a cycle waits in the inboxes (messages are
+bounded by ``MAX_INBOX``; writes and reads by the node's admission bound on calls).
 """
 
 from __future__ import annotations
@@ -28,17 +30,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kv_node.replication.command import encode_command
+from kv_node.replication.command import CommandError, encode_command
 from kv_node.replication.multiraft import Cycle, MultiRaft
-from kv_node.replication.pending import LeadershipLost, Proposals, Reads
+from kv_node.replication.pending import EntryFailed, LeadershipLost, Proposals, Reads
 from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
 from kv_node.store import Op, Outcome
-from kv_raft import Message, NotLeader
+from kv_raft import Message, ProposalDropped, Role
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TICK_SECONDS = 0.1
 """One Raft tick. With the core's default election_tick of 10, an election timeout is 1-2 s."""
+DEFAULT_COMPACT_AFTER = 10_000
+"""Log entries a group keeps before it compacts (drops what is applied, keeping a tail)."""
+DEFAULT_KEEP_AFTER_COMPACT = 1_000
+"""Applied entries kept after a compaction, so that a follower a little behind catches up
+from the log instead of by a snapshot of the whole partition."""
 MAX_INBOX = 65_536
 """Messages received and not yet stepped; beyond it new ones are dropped (Raft tolerates
 loss) rather than letting a slow disk grow the node's memory without bound."""
@@ -59,6 +66,8 @@ class RuntimeStats:
     messages_sent: int = 0
     inbox_dropped: int = 0
     leader_changes: int = 0
+    compactions: int = 0
+    snapshots_sent: int = 0
 
 
 @dataclass
@@ -76,12 +85,18 @@ class ReplicationRuntime:
         transport: Transport,
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         on_leader_change: Callable[[int, int], None] | None = None,
+        compact_after: int = DEFAULT_COMPACT_AFTER,
+        keep_after_compact: int = DEFAULT_KEEP_AFTER_COMPACT,
     ) -> None:
         """Peers are named by raft id everywhere (``transport.raft_node_ids``)."""
         self._driver = driver
         self._store = store
         self._transport = transport
         self._tick_seconds = tick_seconds
+        if not 0 <= keep_after_compact < compact_after:
+            raise ValueError("keep_after_compact must be below compact_after")
+        self._compact_after = compact_after
+        self._keep_after_compact = keep_after_compact
         self._on_leader_change = on_leader_change
         self._proposals = Proposals()
         self._reads = Reads()
@@ -89,6 +104,10 @@ class ReplicationRuntime:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.stopped = asyncio.Event()
+        """Set when the runtime's loop has ended, by ``stop`` or by a failed cycle."""
+        self.failure: Exception | None = None
+        """What ended the loop when a cycle failed (the node must exit)."""
         self.stats = RuntimeStats()
 
     # -- what the servicer calls ----------------------------------------------------------------
@@ -138,7 +157,8 @@ class ReplicationRuntime:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            await self._task
+            with contextlib.suppress(Exception):  # a failed cycle was logged and recorded
+                await self._task
             self._task = None
         stopped = RuntimeError("the node is shutting down")
         self._proposals.fail_all(stopped)
@@ -146,7 +166,9 @@ class ReplicationRuntime:
 
     def _check_running(self) -> None:
         if self._task is None or self._stopping:
-            raise RuntimeError("the replication runtime is not running")
+            raise RuntimeError(
+                f"replication stopped: {self.failure}" if self.failure else "replication stopped"
+            )
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,12 +190,19 @@ class ReplicationRuntime:
                 next_tick = max(next_tick + self._tick_seconds, now)
             try:
                 await self._cycle()
-            except Exception:
+            except Exception as exc:
                 # The store failed (fsync, a full disk): what reached the disk is unknown, so
-                # going on could break a promise already made. Stop replicating, as etcd does.
+                # going on could break a promise already made. Stop replicating, fail every
+                # caller, and let the node exit (``stopped``), as etcd does.
                 log.exception("replication stopped: a cycle failed")
+                self.failure = exc
                 self._stopping = True
+                failed = RuntimeError(f"replication stopped: {exc}")
+                self._proposals.fail_all(failed)
+                self._reads.fail_all(failed)
+                self.stopped.set()
                 raise
+        self.stopped.set()
 
     async def _cycle(self) -> None:
         driver = self._driver
@@ -182,32 +211,53 @@ class ReplicationRuntime:
             driver.peer_alive(raft_id, alive)
         for group, message in inbox.messages:
             driver.step(group, message)
+        # One caller's bad request must never stop the runtime: every refusal below fails
+        # only the callers it concerns.
         for group, ops, waiters in self._proposals.take():
             try:
-                index = driver.propose(group, encode_command(ops))
-            except NotLeader as refused:
-                self._proposals.refused(waiters, LeadershipLost(group, refused.leader))
+                data = encode_command(ops)
+            except CommandError as bad:
+                self._proposals.refused(waiters, EntryFailed(f"group {group}: {bad}"))
+                continue
+            try:
+                index = driver.propose(group, data)
+            except ProposalDropped as refused:  # NotLeader, or a leadership transfer
+                self._proposals.refused(waiters, LeadershipLost(group, driver.leader(group)))
+                del refused
                 continue
             self._proposals.proposed(group, index, driver.term(group), waiters)
         for group, request_id in self._reads.requests():
             try:
                 driver.read_index(group, request_id)
-            except NotLeader as refused:
-                self._reads.refused(group, request_id, LeadershipLost(group, refused.leader))
+            except ProposalDropped:
+                lost = LeadershipLost(group, driver.leader(group))
+                self._reads.refused(group, request_id, lost)
         cycle = driver.collect()
         if cycle.is_empty:
             return
         writes = [GroupWrite.from_ready(item.group, item.ready) for item in cycle.readies]
-        results = await asyncio.to_thread(self._store.commit, writes)
+        results = await asyncio.to_thread(self._commit, writes)
         self.stats.cycles += 1
         self._send(cycle)
         self._answer(cycle, results)
         driver.advance(cycle)
 
+    def _commit(self, writes: list[GroupWrite]) -> CommitResult:
+        """The cycle's one transaction, then compaction of logs grown past the bound (in the
+        same worker thread; nothing reads the store while a cycle is out)."""
+        results = self._store.commit(writes)
+        for group in results:
+            applied = self._store.applied(group)
+            if applied - self._store.group(group).first_index() + 1 > self._compact_after:
+                self._store.compact(group, applied - self._keep_after_compact)
+                self.stats.compactions += 1
+        return results
+
     def _send(self, cycle: Cycle) -> None:
         for raft_id, messages in cycle.outbox.items():
             self._transport.send(raft_id, [(item.group, item.message) for item in messages])
             self.stats.messages_sent += len(messages)
+            self.stats.snapshots_sent += sum(item.message.snapshot is not None for item in messages)
 
     def _answer(self, cycle: Cycle, results: CommitResult) -> None:
         proposals = self._proposals
@@ -216,9 +266,11 @@ class ReplicationRuntime:
             group, rd = item.group, item.ready
             if rd.soft_state is not None:
                 # A ReadIndex request is lost with the leadership: only a role or leader
-                # change can end a leadership (a new term always comes with one).
+                # change can end one. Becoming leader (a request issued in the same cycle
+                # waits for the term's first commit) ends nothing.
                 leader = rd.soft_state.leader
-                reads.leader_changed(group, leader)
+                if rd.soft_state.role != Role.LEADER:
+                    reads.leader_changed(group, leader)
                 self.stats.leader_changes += 1
                 if self._on_leader_change is not None:
                     self._on_leader_change(group, leader)

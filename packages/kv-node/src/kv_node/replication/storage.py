@@ -367,6 +367,11 @@ class ReplicaStore:
             keys = txn.cursor().iternext(keys=True, values=False)
             return [_GROUP.unpack(key)[0] for key in keys]
 
+    def count(self) -> int:
+        """Records in every partition this node holds (long keys sharing a bucket count once)."""
+        with self._env.begin() as txn:
+            return int(txn.stat(self._data)["entries"])
+
     def group(self, group: int) -> GroupLog:
         """The group's log as the core reads it; a group with no state reads as empty storage
         (``MemoryStorage()``), ready to receive a snapshot from its leader."""

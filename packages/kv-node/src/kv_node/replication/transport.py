@@ -53,7 +53,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -248,7 +248,10 @@ class PeerTransport:
         on_map_mismatch: MismatchCallback | None = None,
         config: TransportConfig | None = None,
         rng: random.Random | None = None,
+        dial: Mapping[str, str] | None = None,
     ) -> None:
+        """``dial`` overrides where to reach some peers (member id -> host:port), e.g. through
+        a proxy; the map's addresses (and so the fingerprint) are unchanged."""
         ids = raft_node_ids(cluster_map)
         members = {raft_id: member_id for member_id, raft_id in ids.items()}
         if node_id not in members:
@@ -279,7 +282,11 @@ class PeerTransport:
         self.stats = TransportStats()
         self._links = {
             peer: _Link(
-                peer, member_id, cluster_map.address_of(member_id), deque(), asyncio.Event()
+                peer,
+                member_id,
+                (dial or {}).get(member_id) or cluster_map.address_of(member_id),
+                deque(),
+                asyncio.Event(),
             )
             for peer, member_id in members.items()
             if peer != node_id
