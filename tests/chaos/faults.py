@@ -36,12 +36,9 @@ class PeerLinks:
             raise
 
     def node_flags(self, node_id: str) -> list[str]:
-        """The ``--peer-via`` flags that route ``node_id``'s peer links through the proxies."""
-        flags: list[str] = []
-        for (source, target), proxy in self.proxies.items():
-            if source == node_id:
-                flags += ["--peer-via", f"{target}={proxy.address}"]
-        return flags
+        """The ``--peer-via`` flag that routes ``node_id``'s peer links through the proxies."""
+        dial = [f"{t}={p.address}" for (s, t), p in self.proxies.items() if s == node_id]
+        return ["--peer-via", ",".join(dial)] if dial else []
 
     def touching(self, node_id: str) -> list[Proxy]:
         return [p for (s, t), p in self.proxies.items() if node_id in (s, t)]

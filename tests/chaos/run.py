@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chaos.check import Verdict, judge
 from chaos.faults import Faults, PeerLinks
 from chaos.history import History, RecordingClient
+from chaos.leaders import leader_of
 from chaos.load import Load, LoadConfig
 from chaos.proxy import CutMode
 from chaos.report import fault_rows, render
@@ -45,6 +46,12 @@ from kv_client import Client
 
 REPLICATION_FLAG = "--replication-factor"
 PEER_VIA_FLAG = "--peer-via"
+TICK_FLAG = "--raft-tick-ms"
+RAFT_TICK_MS = 50
+"""Elections take 10-20 ticks: 0.5-1 s, so a fault's recovery fits a short run."""
+ELECTION_TIMEOUT_MAX = 20 * RAFT_TICK_MS / 1000
+REPLICATED_PARTITIONS = 16
+"""Few partitions: the load's keys cover several, and start-up stays fast on 2 cores."""
 KEYS_PER_NODE = 3  # few keys, so that operations collide; every node owns some
 CLIENTS = 4
 FINAL_CLIENT = 1_000  # client id of the reads after the faults (above every load client)
@@ -55,7 +62,7 @@ GAP_MAX = 15.0  # ...or this many seconds, whichever first (a run that never rec
 DOWN_OPS = 200  # ops the load completes while a killed node is down
 DOWN_MAX = 3.0
 PAUSE_SECONDS = 3.0
-"""SIGSTOP length: above the election timeout the lead will pick (raise it if it is longer)."""
+"""SIGSTOP length: well above the longest election timeout (ELECTION_TIMEOUT_MAX)."""
 ISOLATE_SECONDS = 3.0
 
 
@@ -79,6 +86,8 @@ class Context:
     node_ids: list[str]
     addresses: list[str]
     keys: list[str]
+    replicated: bool
+    node_addresses: dict[str, str]
     deadline: float
     load: Load
 
@@ -94,14 +103,19 @@ class Context:
     def busiest_node(self) -> str:
         """The node leading the most of the load's partitions now (ties: the seed picks).
 
-        Asked afresh before every fault (a new client fetches a new map). Today the map names
-        owners (the leader at RF=1); it is to carry each partition's last known leader, which
-        ``Location.node_id`` should then report (check this when replication lands).
+        Asked afresh before every fault: of the nodes themselves when replicated (see
+        ``chaos.leaders``), else the owners in the cluster map.
         """
         counts = dict.fromkeys(self.node_ids, 0)
-        with Client(self.addresses) as kv:
+        if self.replicated:
             for key in self.keys:
-                counts[kv.locate(key).node_id] += 1
+                leader = leader_of(key, self.node_addresses)
+                if leader is not None:
+                    counts[leader] += 1
+        else:
+            with Client(self.addresses) as kv:
+                for key in self.keys:
+                    counts[kv.locate(key).node_id] += 1
         top = max(counts.values())
         return self.rng.choice(sorted(n for n, c in counts.items() if c == top))
 
@@ -161,12 +175,19 @@ class Scenario:
     def node_args(self, stand_in: bool) -> list[str]:
         if self.replication_factor == 1 or stand_in:
             return []
-        return [REPLICATION_FLAG, str(self.replication_factor)]
+        return [
+            REPLICATION_FLAG,
+            str(self.replication_factor),
+            "--partitions",
+            str(REPLICATED_PARTITIONS),
+            TICK_FLAG,
+            str(RAFT_TICK_MS),
+        ]
 
 
 def _replicated(nodes: int) -> list[Scenario]:
-    rf = (REPLICATION_FLAG,)
-    links = (REPLICATION_FLAG, PEER_VIA_FLAG)
+    rf = (REPLICATION_FLAG, TICK_FLAG)
+    links = (*rf, PEER_VIA_FLAG)
     return [
         Scenario(f"rf3-kill9-leader-{nodes}n", nodes, 3, kill9_busiest,
                  "kill -9 the node leading most partitions, restart it", rf),
@@ -294,6 +315,8 @@ def run_scenario(
             node_ids,
             cluster.addresses,
             keys,
+            scenario.replication_factor > 1 and not stand_in,
+            {node_id: node.address for node_id, node in cluster.nodes.items()},
             time.monotonic() + budget.seconds,  # the schedule's time starts after the warmup
             load,
         )

@@ -57,7 +57,8 @@ def test_isolate_cuts_every_link_of_one_node_then_heals(
     history = History()
     links = PeerLinks(two_nodes)
     try:
-        assert links.node_flags("n1") == ["--peer-via", f"n2={links.proxies[('n1', 'n2')].address}"]
+        via = links.proxies[("n1", "n2")].address
+        assert links.node_flags("n1") == ["--peer-via", f"n2={via}"]
         faults = Faults(two_nodes, history, links)
         seen: list[type[Exception]] = []
 

@@ -25,8 +25,13 @@ def test_scenarios_needing_missing_flags_are_listed_as_not_run(
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     assert "NOT RUN (2 scenario(s)" in out
-    assert "rf3-isolate-reset-3n: kv-node has no --replication-factor, --peer-via" in out
-    assert "rf3-kill9-leader-5n: kv-node has no --replication-factor (checked" in out
+    assert (
+        "rf3-isolate-reset-3n: kv-node has no --replication-factor, --raft-tick-ms, --peer-via"
+        in out
+    )
+    assert (
+        "rf3-kill9-leader-5n: kv-node has no --replication-factor, --raft-tick-ms (checked" in out
+    )
     assert "0 passed, 0 failed, 2 not run" in out
 
 
