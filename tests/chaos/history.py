@@ -190,8 +190,9 @@ class RecordingClient:
     Conditional writes go through a second client with retries off. The SDK retries them, and
     a retried one whose first attempt applied reports ``succeeded=False`` (the SDK documents
     this); the history could not tell that from a real refusal, and a refusal that is not one
-    is exactly what the checker must be able to trust. With one attempt, ``succeeded=False``
-    means "did not apply". Plain puts and gets keep the SDK's default retries, as users have them.
+    is exactly what the checker must be able to trust. With retries off, the SDK resends only
+    after a NOT_LEADER refusal (which never ran), so ``succeeded=False`` means "did not apply".
+    Plain puts and gets keep the SDK's default retries, as users have them.
     """
 
     def __init__(self, client_id: int, addresses: list[str], history: History) -> None:

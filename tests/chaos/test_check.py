@@ -11,6 +11,7 @@ from chaos.history import Outcome, Record, outcome_of
 from kv_client import (
     DeadlineExceededError,
     KvError,
+    NotLeaderError,
     OverloadedError,
     StaleMapError,
     UnavailableError,
@@ -167,6 +168,7 @@ def test_outcomes_map_to_checker_ops() -> None:
     ("error", "expected"),
     [
         (OverloadedError("busy", reason=Reason.OVERLOADED), "failed"),
+        (NotLeaderError("elsewhere", reason=Reason.NOT_LEADER), "failed"),
         (StaleMapError("moved", reason=Reason.STALE_MAP), "failed"),
         (UnavailableError("draining", reason=Reason.SHUTTING_DOWN), "failed"),
         (UnavailableError("connection lost", code=grpc.StatusCode.UNAVAILABLE), "unknown"),
