@@ -57,11 +57,10 @@ def test_a_new_map_epoch_forgets_every_leader() -> None:
     assert leaders.known() == 0
 
 
-def start(leaders: Leaders) -> Send:
-    call = _calls.put(KEY, b"v")
+def run_of(leaders: Leaders, policy: RetryPolicy | None = None) -> CallRun[int]:
     run = CallRun(
-        call,
-        policy=RetryPolicy(),
+        _calls.put(KEY, b"v"),
+        policy=policy or RetryPolicy(),
         budget=5.0,
         now=0.0,
         metadata=None,
@@ -69,24 +68,18 @@ def start(leaders: Leaders) -> Send:
         leaders=leaders,
     )
     run.start()
-    sent = run.routed(MAP, 0.0)
+    return run
+
+
+def start(leaders: Leaders) -> Send:
+    sent = run_of(leaders).routed(MAP, 0.0)
     assert isinstance(sent, Send)
     return sent
 
 
 def test_a_put_follows_the_named_leader_at_once_and_the_client_remembers_it() -> None:
     leaders = Leaders()
-    call = _calls.put(KEY, b"v")
-    run = CallRun(
-        call,
-        policy=RetryPolicy(),
-        budget=5.0,
-        now=0.0,
-        metadata=None,
-        coalesce=False,
-        leaders=leaders,
-    )
-    run.start()
+    run = run_of(leaders)
     first = run.routed(MAP, 0.0)
     assert isinstance(first, Send) and first.node_id == REPLICAS[0]
     pause = run.failed(not_leader(REPLICAS[1]), never_sent=False, now=0.1)
@@ -99,17 +92,7 @@ def test_a_put_follows_the_named_leader_at_once_and_the_client_remembers_it() ->
 
 def test_no_leader_yet_backs_off_and_tries_the_next_replica() -> None:
     leaders = Leaders()
-    call = _calls.put(KEY, b"v")
-    run = CallRun(
-        call,
-        policy=RetryPolicy(max_attempts=2),
-        budget=5.0,
-        now=0.0,
-        metadata=None,
-        coalesce=False,
-        leaders=leaders,
-    )
-    run.start()
+    run = run_of(leaders, RetryPolicy(max_attempts=2))
     run.routed(MAP, 0.0)
     waits, targets = [], []
     for attempt in range(5):  # beyond max_attempts: an election is waited out, to the deadline
