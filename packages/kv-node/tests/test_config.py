@@ -84,6 +84,13 @@ def _build(**overrides: Any) -> NodeConfig:
         ({"lmdb_map_size": -1}, "--lmdb-map-size must be between"),
         ({"lmdb_map_size": 1}, "--lmdb-map-size must be between"),
         ({"max_in_flight": 0}, "--max-in-flight must be between"),
+        ({"replication_factor": 0}, "--replication-factor must be between 1 and"),
+        ({"replication_factor": 8}, "--replication-factor must be between 1 and"),
+        ({"raft_tick_ms": 5}, "--raft-tick-ms must be between"),
+        ({"replication_factor": 3}, "--replication-factor above 1 needs the lmdb engine"),
+        ({"peer_via": "a=127.0.0.1:9"}, "--peer-via names 'a', which is not a peer"),
+        ({"peer_via": "zz=127.0.0.1:9"}, "--peer-via names 'zz', which is not a peer"),
+        ({"peer_via": "b=nonsense"}, "is not host:port"),
         ({"forward_timeout": 0}, "--forward-timeout must be more than 0"),
         ({"forward_timeout": float("nan")}, "--forward-timeout must be more than 0"),
         ({"forward_timeout": float("inf")}, "--forward-timeout must be more than 0"),
@@ -112,6 +119,19 @@ def test_every_field_is_a_flag_with_its_default() -> None:
     for name, default in defaults.items():
         if name not in ("node_id", "engine", "listen"):
             assert getattr(args, name) == default, name
+
+
+def test_the_replication_factor_is_capped_at_the_member_count(tmp_path: Path) -> None:
+    durable = {"engine": "lmdb", "data_dir": tmp_path}
+    assert _build(replication_factor=5, **durable).cluster_map.replication_factor == len(
+        _build().cluster_map.members
+    )
+    assert not _build().replicated
+    assert _build(replication_factor=2, **durable).replicated
+
+
+def test_peer_via_names_where_to_dial_a_peer() -> None:
+    assert _build(peer_via="b=127.0.0.1:9").peer_dial == {"b": "127.0.0.1:9"}
 
 
 def test_published_limits_are_the_configured_ones() -> None:

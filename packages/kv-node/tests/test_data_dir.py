@@ -14,11 +14,15 @@ import pytest
 from kv_node.data_dir import (
     IDENTITY_FILE,
     IDENTITY_FORMAT,
+    REPLICA_DIR,
+    Identity,
     discard_if_not_started,
+    open_replica_store,
     open_store,
     read_identity,
 )
 from kv_node.store import PutOp, StoreError
+from kv_node.store.lmdb_file import DATA_FILE
 from kv_node.store.lmdb_store import LmdbStore
 
 
@@ -113,3 +117,45 @@ def test_a_failed_open_leaves_a_fresh_directory_absent(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open LMDB store"):
         open_store("lmdb", tmp_path / "new" / "n1", "n1", map_size=1 << 62)
     assert not (tmp_path / "new").exists()
+
+
+REPLICA_MAP = 1 << 24
+
+
+def test_a_replica_store_is_recorded_and_reopened(tmp_path: Path) -> None:
+    store = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+    store_id = store.store_id
+    store.close()
+    assert read_identity(tmp_path) == Identity("n1", 2, replica_store_id=store_id)
+    again = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+    assert again.store_id == store_id
+    again.close()
+
+
+def test_a_lost_replica_store_is_refused_never_started_empty(tmp_path: Path) -> None:
+    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP).close()
+    (tmp_path / REPLICA_DIR / DATA_FILE).unlink()
+    with pytest.raises(StoreError, match="could elect two leaders"):
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+    assert not (tmp_path / REPLICA_DIR / DATA_FILE).exists()
+
+
+def test_a_replaced_replica_store_is_refused(tmp_path: Path) -> None:
+    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP).close()
+    other = tmp_path / "other"
+    open_replica_store(other, "n1", map_size=REPLICA_MAP).close()
+    (tmp_path / REPLICA_DIR / DATA_FILE).write_bytes((other / REPLICA_DIR / DATA_FILE).read_bytes())
+    with pytest.raises(StoreError, match=r"is not the one kv-node\.json records"):
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+
+
+def test_one_copy_and_replicas_never_share_a_directory(tmp_path: Path) -> None:
+    single, replicated = tmp_path / "single", tmp_path / "replicated"
+    open_store("lmdb", single, "n1", map_size=REPLICA_MAP).close()
+    with pytest.raises(StoreError, match="holds a single-copy store"):
+        open_replica_store(single, "n1", map_size=REPLICA_MAP)
+    open_replica_store(replicated, "n1", map_size=REPLICA_MAP).close()
+    with pytest.raises(StoreError, match="holds a replica store"):
+        open_store("lmdb", replicated, "n1", map_size=REPLICA_MAP)
+    with pytest.raises(StoreError, match="belongs to node 'n1', not 'n2'"):
+        open_replica_store(replicated, "n2", map_size=REPLICA_MAP)

@@ -178,3 +178,62 @@ def test_forward_budget_after_the_deadline_is_a_refusal(remaining: float) -> Non
     budget = forward_budget(remaining, 5.0)
     assert isinstance(budget, Refusal)
     assert (budget.code, budget.reason) == (StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED)
+
+
+REPLICATED = ClusterMap.build(
+    epoch=7,
+    members=(Member("a", "10.0.0.1:1"), Member("b", "10.0.0.2:2"), Member("c", "10.0.0.3:3")),
+    partitions=16,
+    replication_factor=3,
+    vnodes=8,
+)
+LEADERS = {0: "a", 1: "b"}  # other partitions: no leader known
+GROUP_A = next(
+    k for k in (b"a%d" % i for i in range(1000)) if REPLICATED.placement.partition_of(k) == 0
+)
+GROUP_B = next(
+    k for k in (b"b%d" % i for i in range(1000)) if REPLICATED.placement.partition_of(k) == 1
+)
+GROUP_NONE = next(
+    k for k in (b"n%d" % i for i in range(1000)) if REPLICATED.placement.partition_of(k) > 1
+)
+LEADER_ROUTER = Router("a", REPLICATED, leader_of=LEADERS.get)
+HINT_B = {"partition": "1", "leader_id": "b", "leader_address": "10.0.0.2:2"}
+
+
+@pytest.mark.parametrize(
+    ("key", "marks", "expected"),
+    [
+        # The leader serves its partition, however the request came.
+        (GROUP_A, NO_MARKS, LOCAL),
+        (GROUP_A, Marks(routed=True), LOCAL),
+        (GROUP_A, Marks(forwarded=True), LOCAL),
+        # A client without the SDK is forwarded to the leader, once.
+        (GROUP_B, NO_MARKS, Forward("b")),
+        # The SDK is told where the leader is; so is a forwarded request that missed it.
+        (GROUP_B, Marks(routed=True), (StatusCode.UNAVAILABLE, Reason.NOT_LEADER, HINT_B)),
+        (GROUP_B, Marks(forwarded=True), (StatusCode.UNAVAILABLE, Reason.NOT_LEADER, HINT_B)),
+        # No leader known (an election): refused, never run, whoever asks.
+        (GROUP_NONE, NO_MARKS, (StatusCode.UNAVAILABLE, Reason.NOT_LEADER, None)),
+    ],
+)
+def test_route_to_the_partition_leader(
+    key: bytes, marks: Marks, expected: Decision | tuple[StatusCode, Reason, dict[str, str] | None]
+) -> None:
+    decision = LEADER_ROUTER.route("put", key, 1, marks)
+    if isinstance(expected, tuple):
+        assert isinstance(decision, Refusal)
+        code, reason, metadata = expected
+        assert (decision.code, decision.reason) == (code, reason)
+        if metadata is not None:
+            assert dict(decision.metadata) == metadata
+        else:
+            assert "leader_id" not in decision.metadata
+        assert decision.message and "\n" not in decision.message
+    else:
+        assert decision == expected
+
+
+def test_limits_are_checked_before_leadership() -> None:
+    decision = LEADER_ROUTER.route("put", b"", 1, NO_MARKS)
+    assert isinstance(decision, Refusal) and decision.reason == Reason.KEY_EMPTY

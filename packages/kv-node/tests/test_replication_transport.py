@@ -394,7 +394,9 @@ def test_liveness_follows_frames() -> None:
         beats = b.transport.stats.heartbeats_sent
         await asyncio.sleep(observed)
         assert a.recorder.peer_states == [(2, True)] and a.transport.alive(2)
-        assert b.transport.stats.heartbeats_sent >= beats + observed / heartbeat / 2
+        # At least one per dead_after (what kept it alive), whatever the machine's load;
+        # the rate itself is a benchmark's business, not a test's.
+        assert b.transport.stats.heartbeats_sent >= beats + int(observed / dead_after)
 
         loop = asyncio.get_running_loop()
         stopped = loop.time()

@@ -37,6 +37,7 @@ from kv_client.coalesce import (
     within,
 )
 from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
+from kv_client.leaders import Leaders
 from kv_client.map_cache import Fetch, MapCache, MapFetch, Use
 from kv_client.retry import RetryPolicy
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
@@ -63,6 +64,7 @@ class AsyncClient:
         self._seeds = seed_list(addresses)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
+        self._leaders = Leaders()
         self._maps = MapCache(self._seeds)
         self._fetching: asyncio.Future[ClusterMap | KvError] | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -345,6 +347,7 @@ class AsyncClient:
             now=time.monotonic(),
             metadata=metadata,
             coalesce=self._coalesce is not None,
+            leaders=self._leaders,
         )
         action: Action = run.start()
         while True:

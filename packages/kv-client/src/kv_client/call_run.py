@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from kv_client._calls import Call
 from kv_client._transport import Metadata, routed_metadata
 from kv_client.errors import DeadlineExceededError, KvError, UnavailableError
+from kv_client.leaders import Leaders
 from kv_client.retry import RetryPolicy, next_pause
 from kv_common.cluster_map import ClusterMap, Limits
 
@@ -99,7 +100,10 @@ class CallRun(Generic[Out]):
         now: float,
         metadata: Metadata | None,
         coalesce: bool,
+        leaders: Leaders | None = None,
     ) -> None:
+        """``leaders`` is the client's shared table of partition leaders (replicated maps);
+        without one, every attempt goes to the key's owner."""
         self.call = call
         self.budget = budget
         self.deadline = now + budget
@@ -112,8 +116,7 @@ class CallRun(Generic[Out]):
         self._pause_after_map: float | None = None
         self._sent: Send | None = None
         self._last_error: KvError | None = None
-        self._target: str | None = None
-        """The replica to try next instead of the key's owner (replicated partitions)."""
+        self._leaders = leaders if leaders is not None else Leaders()
 
     def start(self) -> NeedMap:
         return NeedMap(refresh=False, deadline=self.deadline)
@@ -175,9 +178,7 @@ class CallRun(Generic[Out]):
             )
         cluster_map = self._map
         assert cluster_map is not None, "routed() comes before any send"
-        node_id = self._target
-        if node_id is None or node_id not in cluster_map.addresses:
-            node_id = cluster_map.placement.owner_of_key(self.call.key)
+        node_id = self._leaders.target(cluster_map, self.call.key)
         address = cluster_map.address_of(node_id)
         self._sent = Send(
             node_id=node_id,
@@ -193,13 +194,16 @@ class CallRun(Generic[Out]):
     def _retarget(self, error: KvError) -> None:
         """Where a retry goes when the key's partition has several replicas: the leader a
         NOT_LEADER refusal named, or after the node tried could not serve (unreachable, no
-        leader yet), the next replica in ring order; any replica forwards to the leader."""
+        leader yet), the next replica in ring order, which knows the leader or forwards."""
         sent, cluster_map = self._sent, self._map
         if sent is None or cluster_map is None or cluster_map.replication_factor < 2:
             return
-        replicas = cluster_map.placement.replicas_for_key(self.call.key)
         hinted = error.metadata.get("leader_id")
-        if hinted in replicas:
-            self._target = hinted
-        elif isinstance(error, UnavailableError) and sent.node_id in replicas:
-            self._target = replicas[(replicas.index(sent.node_id) + 1) % len(replicas)]
+        if (
+            hinted is not None
+            and hinted != sent.node_id
+            and self._leaders.learned(cluster_map, self.call.key, hinted)
+        ):
+            return
+        if isinstance(error, UnavailableError):
+            self._leaders.unreachable(cluster_map, self.call.key, sent.node_id)

@@ -37,6 +37,7 @@ from kv_client.coalesce import (
     within,
 )
 from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
+from kv_client.leaders import Leaders
 from kv_client.map_cache import Join, MapCache, MapFetch, Use
 from kv_client.retry import RetryPolicy
 from kv_client.types import Location, NodeStatus, Versioned, WriteResult
@@ -68,6 +69,7 @@ class Client:
         self._seeds = seed_list(addresses)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
+        self._leaders = Leaders()
         self._lock = threading.Lock()
         self._fetched = threading.Condition(self._lock)
         self._maps = MapCache(self._seeds)
@@ -348,6 +350,7 @@ class Client:
             now=time.monotonic(),
             metadata=metadata,
             coalesce=self._coalesce is not None,
+            leaders=self._leaders,
         )
         action: Action = run.start()
         while True:

@@ -77,5 +77,11 @@ def next_pause(
     pause = policy.backoff(attempt)
     if isinstance(error, OverloadedError) and error.retry_after is not None:
         pause = max(pause, error.retry_after)
+    if (
+        isinstance(error, NotLeaderError)
+        and error.leader_id is not None
+        and attempt + 1 < policy.max_attempts
+    ):
+        pause = 0.0  # the leader is named: go there at once (with backoff once nodes disagree)
     retry = policy.should_retry(error, attempt=attempt, safety=safety, never_sent=never_sent)
     return pause if retry and pause < time_left else None

@@ -272,6 +272,8 @@ class NodeConfig:
             if member.node_id not in listed or member.node_id == self.node_id:
                 raise ConfigError(f"--peer-via names {member.node_id!r}, which is not a peer")
             peer_dial[member.node_id] = member.address
+        if cluster_map.replication_factor > 1 and self.engine != "lmdb":
+            raise ConfigError("--replication-factor above 1 needs the lmdb engine")
         object.__setattr__(self, "peer_dial", peer_dial)
         object.__setattr__(self, "listen", listen)
         object.__setattr__(self, "advertise", advertise)

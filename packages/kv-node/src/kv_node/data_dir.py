@@ -174,19 +174,30 @@ def open_store(
         return store
 
 
-def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
-    """Check everything read-only, then claim the directory and open the store."""
+def _identity_for(data_dir: Path, node_id: str, *, replicated: bool) -> Identity | None:
+    """The directory's identity, read-only, if it may serve ``node_id`` with this kind of store:
+    not another node's, and not holding the other kind (there is no migration between them)."""
     _check_usable(data_dir)
     identity = read_identity(data_dir)
-    if identity is not None and identity.node_id != node_id:
+    if identity is None:
+        return None
+    if identity.node_id != node_id:
         raise StoreError(
             f"data directory {data_dir} belongs to node {identity.node_id!r}, not {node_id!r}"
         )
-    if identity is not None and identity.replica_store_id is not None:
+    other = identity.lmdb_store_id if replicated else identity.replica_store_id
+    if other is not None:
+        held, needed = ("a single-copy", "above 1") if replicated else ("a replica", "of 1")
         raise StoreError(
-            f"data directory {data_dir} holds a replica store (--replication-factor above 1); "
-            "a single-copy node needs a directory of its own (there is no migration yet)"
+            f"data directory {data_dir} holds {held} store; --replication-factor {needed} "
+            "needs a directory of its own (there is no migration yet)"
         )
+    return identity
+
+
+def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
+    """Check everything read-only, then claim the directory and open the store."""
+    identity = _identity_for(data_dir, node_id, replicated=False)
     lmdb_dir = data_dir / LMDB_DIR
     info = inspect(lmdb_dir)
     if identity is not None and identity.lmdb_store_id is not None:
@@ -228,17 +239,7 @@ def open_replica_store(data_dir: Path, node_id: str, *, map_size: int) -> Replic
     time in a term it already voted in, and elect two leaders: so a directory whose identity
     records a replica store that is now missing or replaced is refused, never started empty.
     """
-    _check_usable(data_dir)
-    identity = read_identity(data_dir)
-    if identity is not None and identity.node_id != node_id:
-        raise StoreError(
-            f"data directory {data_dir} belongs to node {identity.node_id!r}, not {node_id!r}"
-        )
-    if identity is not None and identity.lmdb_store_id is not None:
-        raise StoreError(
-            f"data directory {data_dir} holds a single-copy store; --replication-factor above 1 "
-            "needs a directory of its own (there is no migration yet)"
-        )
+    identity = _identity_for(data_dir, node_id, replicated=True)
     replica_dir = data_dir / REPLICA_DIR
     recorded = identity.replica_store_id if identity is not None else None
     if recorded is not None and not (replica_dir / DATA_FILE).exists():

@@ -50,9 +50,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 def replication_opener(config: NodeConfig) -> Callable[[], Replication]:
     """What opens a replicated node's data: the replica store, then the Raft groups."""
-    if config.engine != "lmdb" or config.data_dir is None:
-        raise ConfigError("--replication-factor above 1 needs the lmdb engine and --data-dir")
     data_dir = config.data_dir
+    assert data_dir is not None, "NodeConfig requires --data-dir for the lmdb engine"
 
     def open_replication() -> Replication:
         store = open_replica_store(data_dir, config.node_id, map_size=config.lmdb_map_size)

@@ -156,9 +156,10 @@ class Router:
         return self._forwards[owner]
 
     def _to_leader(self, key: bytes, marks: Marks) -> Decision:
-        """Replicated: the partition's leader serves it. Any node forwards there once (so a
-        client without the SDK reaches it); a forwarded request that missed the leader, or
-        a partition with no known leader, is refused as never run, for the caller to retry."""
+        """Replicated: the partition's leader serves it. A request from a client without the
+        SDK is forwarded there once (grpcurl works against any node); one from the SDK
+        (``kv-epoch``), a forwarded one that missed the leader, or one for a partition with no
+        known leader is refused NOT_LEADER, as never run, naming the leader when known."""
         assert self._leader_of is not None
         group = self._partition_of(key)
         leader = self._leader_of(group)
@@ -166,7 +167,9 @@ class Router:
             return LOCAL
         if leader is None:
             return self.not_leader(group, None, f"partition {group} has no leader yet")
-        if marks.forwarded:
+        if marks.forwarded or marks.routed:
+            # An SDK (routed) learns the leader from the refusal and goes there itself,
+            # which costs it one round trip once per partition instead of a hop per call.
             return self.not_leader(
                 group, leader, f"node {self.node_id!r} does not lead partition {group}"
             )

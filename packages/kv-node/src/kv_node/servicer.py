@@ -330,8 +330,10 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
                 # Replicated: the leadership moved while the operation waited, and it did
                 # not run; a request that has not hopped yet follows it to the new leader.
                 leader = refused.refusal.metadata.get("leader_id")
-                if refused.refusal.reason != Reason.NOT_LEADER or marks.forwarded or not leader:
+                if refused.refusal.reason != Reason.NOT_LEADER or not leader:
                     raise
+                if marks.forwarded or marks.routed:
+                    raise  # the SDK goes to the leader named in the refusal itself
                 decision = Forward(leader)
         if isinstance(decision, Forward):
             call = remote(node.peers.kv(decision.owner))
@@ -373,6 +375,10 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         # Replicated, every get goes through its partition's log with the batch's writes,
         # which makes it linearizable; a single copy may answer gets while planning.
         read = node.store.get if node.store is not None else None
+        if node.replication is not None:
+            # A batch spans partitions whose leaders differ: its operations are forwarded
+            # to them here rather than refused one by one to an SDK that sent them together.
+            marks = Marks(routed=False, forwarded=marks.forwarded)
         plan = plan_batch(node.router, operations, marks, read)
         results = plan.results
 
