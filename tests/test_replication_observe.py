@@ -151,8 +151,11 @@ def test_metrics_status_leaders_and_cli_follow_what_the_cluster_did(tmp_path: Pa
             assert value(samples, "kv_replication_cycles_total") > value(
                 before[name], "kv_replication_cycles_total"
             )
+            # The commit is timed in its worker thread, the cycle counted once the loop
+            # resumes: a scrape in between sees one more commit.
             commits = value(samples, "kv_replication_commit_duration_seconds_count")
-            assert commits == value(samples, "kv_replication_cycles_total")
+            cycles = value(samples, "kv_replication_cycles_total")
+            assert cycles <= commits <= cycles + 1
             assert value(samples, "kv_replication_messages_sent_total") > 0
             assert value(samples, "kv_replication_messages_received_total") > 0
             assert value(samples, "kv_replication_map_mismatches_total", by="us") == 0

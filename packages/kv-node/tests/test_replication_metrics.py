@@ -70,9 +70,12 @@ def test_compaction_and_snapshots_are_counted_where_they_happen(tmp_path: Path) 
         assert seen["kv_replication_proposals_total"] - proposals_before == writes
         assert seen["kv_replication_compactions_total"] == leader.runtime.stats.compactions > 0
         assert seen["kv_replication_snapshots_sent_total"] >= 1
-        # The histogram saw every cycle since it was attached, and nothing else.
+        # The histogram saw every cycle since it was attached, and nothing else (a commit is
+        # timed in its worker thread, the cycle counted once the loop resumes: a scrape in
+        # between sees one more commit).
         cycles = seen["kv_replication_cycles_total"] - cycles_before
-        assert seen["kv_replication_commit_duration_seconds_count"] == cycles > 0
+        assert cycles > 0
+        assert cycles <= seen["kv_replication_commit_duration_seconds_count"] <= cycles + 1
         # While the follower was down, the leader's dropped messages to it were counted.
         assert seen["kv_replication_messages_dropped_total{send}"] > 0
         view = overview(leader.driver)
