@@ -227,8 +227,20 @@ def test_metrics_status_leaders_and_cli_follow_what_the_cluster_did(tmp_path: Pa
             down.stdout
         )
 
-        # With two of three down no partition has a quorum, whatever the survivor believes.
+        # With two of three down no partition has a quorum; the survivor forgets the dead
+        # leaders and steps down where it led (CheckQuorum), so it knows no leader at all.
         nodes["n2"].kill()
         alone = kv(nodes["n1"].address, "cluster", "status")
         assert alone.returncode == 1, alone
         assert f"; {PARTITIONS} without a quorum of replicas up" in alone.stdout
+        poll_until(
+            lambda: status(nodes["n1"].address).partitions_without_leader == PARTITIONS,
+            timeout=SETTLE_TIMEOUT,
+            what="n1 without leaders",
+        )
+        last = scrape(nodes["n1"].metrics or "")
+        assert value(last, "kv_replication_partitions_without_leader") == PARTITIONS
+        assert value(last, "kv_replication_partitions_led") == 0
+        assert map_of(nodes["n1"].address).leaders == ()
+        orphan = kv(nodes["n1"].address, "locate", key)
+        assert "leader:    unknown (no replica knows one)" in orphan.stdout, orphan
