@@ -22,13 +22,15 @@ from kv_common.placement import Placement, PlacementError
 
 @dataclass(frozen=True, slots=True)
 class Location:
-    """Where a key lives: its partition and the owning node."""
+    """Where a key lives: its partition and the owning node (and, replicated, the leader the
+    map's node last knew, when the map came with its partitions)."""
 
     key: bytes
     partition: int
     node_id: str
     address: str
     replicas: tuple[str, ...]
+    leader: str | None = None
 
 
 class ClusterMapError(ValueError):
@@ -72,7 +74,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class ClusterMap:
-    """Members and placement parameters at one epoch."""
+    """Members and placement parameters at one epoch.
+
+    ``leaders`` (per partition, "" when unknown) is what the node that sent the map knew of
+    its Raft leaders, present only in a map fetched with its partitions. It is a hint, not
+    part of the map's identity: two maps of one epoch are equal whatever their leaders, so a
+    change of leader never looks like a new map.
+    """
 
     epoch: int
     members: tuple[Member, ...]
@@ -82,6 +90,7 @@ class ClusterMap:
     placement: Placement = field(repr=False, compare=False)
     addresses: Mapping[str, str] = field(repr=False, compare=False)
     limits: Limits = field(default_factory=Limits, compare=False)
+    leaders: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def build(
@@ -93,6 +102,7 @@ class ClusterMap:
         replication_factor: int,
         vnodes: int,
         limits: Limits | None = None,
+        leaders: tuple[str, ...] = (),
     ) -> ClusterMap:
         addresses = {m.node_id: m.address for m in members}
         if len(addresses) != len(members):
@@ -106,6 +116,8 @@ class ClusterMap:
             )
         except PlacementError as exc:
             raise ClusterMapError(f"cluster map cannot be routed: {exc}") from exc
+        if leaders and len(leaders) != partitions:
+            raise ClusterMapError(f"{len(leaders)} leaders listed for {partitions} partitions")
         return cls(
             epoch=epoch,
             members=tuple(sorted(members, key=lambda m: m.node_id)),
@@ -115,6 +127,7 @@ class ClusterMap:
             placement=placement,
             addresses=addresses,
             limits=limits or Limits(),
+            leaders=leaders,
         )
 
     @classmethod
@@ -126,6 +139,7 @@ class ClusterMap:
             replication_factor=message.replication_factor,
             vnodes=message.vnodes,
             limits=Limits.from_proto(message.limits),
+            leaders=_leaders(message),
         )
 
     def to_proto(self, *, include_partitions: bool = False) -> cluster_pb2.ClusterMap:
@@ -138,8 +152,9 @@ class ClusterMap:
             limits=self.limits.to_proto(),
         )
         if include_partitions:
+            leaders = self.leaders or ("",) * self.partitions
             message.partitions.extend(
-                cluster_pb2.ReplicaSet(node_ids=self.placement.replicas(p))
+                cluster_pb2.ReplicaSet(node_ids=self.placement.replicas(p), leader_id=leaders[p])
                 for p in range(self.partitions)
             )
         return message
@@ -155,4 +170,15 @@ class ClusterMap:
     def locate(self, key: bytes) -> Location:
         partition = self.placement.partition_of(key)
         replicas = self.placement.replicas(partition)
-        return Location(key, partition, replicas[0], self.addresses[replicas[0]], replicas)
+        leader = self.leaders[partition] if self.leaders else ""
+        owner = replicas[0]
+        return Location(key, partition, owner, self.addresses[owner], replicas, leader or None)
+
+
+def _leaders(message: cluster_pb2.ClusterMap) -> tuple[str, ...]:
+    """The leader hints of a map sent with its partitions; none when no leader is known (a
+    single copy, or a node just started) or when the list does not match the partitions."""
+    leaders = tuple(replica_set.leader_id for replica_set in message.partitions)
+    if len(leaders) != message.partition_count or not any(leaders):
+        return ()
+    return leaders

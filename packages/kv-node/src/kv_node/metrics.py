@@ -5,13 +5,21 @@ run several servicers in one process without metric collisions. The endpoint is 
 lines of asyncio rather than prometheus_client's threaded server, which starts a thread
 per connection: idle or hostile connections cost a coroutine each here, and are dropped
 after ``METRICS_IDLE_SECONDS``.
+
+A replicated node also reports its Raft groups (``kv_replication_*``). Those numbers are read
+at scrape time from the counters replication keeps anyway (``RuntimeStats``, ``DriverStats``,
+``TransportStats``, the replica store) and from one pass over the groups' cores
+(``replication.overview``), so the request path pays nothing for them; only the commit
+latency is observed as it happens, once per runtime cycle. Requests refused because this node
+does not lead their partition are ``kv_refusals_total{reason="NOT_LEADER"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +29,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kv_node.replication.overview import overview
+
+if TYPE_CHECKING:
+    from kv_node.replication.replica import Replication
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -89,6 +104,18 @@ class NodeMetrics:
         self.keys.set_function(keys_stored)
         self._server: asyncio.Server | None = None
 
+    def watch_replication(self, replication: Replication) -> None:
+        """Report ``replication``'s groups, runtime, transport and store from now on."""
+        commit_latency = Histogram(
+            "kv_replication_commit_duration_seconds",
+            "Time to persist and apply one runtime cycle (one LMDB transaction and its flush, "
+            "for every group with work).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        replication.store.on_commit = commit_latency.observe
+        self.registry.register(ReplicationCollector(replication))
+
     async def serve(self, host: str, port: int) -> None:
         """Expose /metrics over HTTP on the running event loop (raises OSError if it cannot)."""
         self._server = await asyncio.start_server(
@@ -141,3 +168,114 @@ class NodeMetrics:
             + b"\r\nConnection: close\r\n\r\n"
             + body
         )
+
+
+class ReplicationCollector(Collector):
+    """The ``kv_replication_*`` metrics, read from replication's own counters when scraped."""
+
+    def __init__(self, replication: Replication) -> None:
+        self._replication = replication
+
+    def collect(self) -> Iterator[Metric]:
+        replication = self._replication
+        runtime = replication.runtime.stats
+        driver = replication.driver
+        transport = replication.transport.stats
+        view = overview(driver)
+        yield GaugeMetricFamily(
+            "kv_replication_partitions_hosted",
+            "Partitions this node holds a replica of (one Raft group each).",
+            value=view.hosted,
+        )
+        yield GaugeMetricFamily(
+            "kv_replication_partitions_led",
+            "Hosted partitions this node leads.",
+            value=view.led,
+        )
+        yield GaugeMetricFamily(
+            "kv_replication_partitions_without_leader",
+            "Hosted partitions for which this node knows no leader.",
+            value=view.without_leader,
+        )
+        groups = GaugeMetricFamily(
+            "kv_replication_groups",
+            "Hosted Raft groups by state: awake (ticked) or asleep (idle, costs nothing).",
+            labels=["state"],
+        )
+        groups.add_metric(["awake"], driver.awake_count)
+        groups.add_metric(["asleep"], driver.asleep_count)
+        yield groups
+        yield GaugeMetricFamily(
+            "kv_replication_replicas_behind",
+            "Followers of partitions this node leads that lack entries it has committed "
+            "(one per follower and partition).",
+            value=view.replicas_behind,
+        )
+        yield GaugeMetricFamily(
+            "kv_replication_apply_lag_entries",
+            "Entries committed but not yet applied, summed over hosted groups.",
+            value=view.apply_lag,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_leader_changes",
+            "Changes of a hosted group's leader or of this node's role in it.",
+            value=runtime.leader_changes,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_proposals",
+            "Log entries this node proposed as leader (one entry carries many writes).",
+            value=driver.stats.proposals,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_entries_applied",
+            "Committed log entries applied to this node's replicas.",
+            value=runtime.entries_applied,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_cycles",
+            "Runtime cycles that persisted something (each one transaction and one flush).",
+            value=runtime.cycles,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_compactions",
+            "Group logs compacted (applied entries dropped).",
+            value=runtime.compactions,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_snapshots_sent",
+            "Snapshots of a whole partition sent to followers behind compaction.",
+            value=runtime.snapshots_sent,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_snapshots_installed",
+            "Snapshots received from a leader and installed over a replica.",
+            value=replication.store.snapshots_installed,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_messages_sent",
+            "Raft messages written to peers' streams.",
+            value=transport.messages_sent,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_messages_received",
+            "Raft messages received from peers.",
+            value=transport.messages_received,
+        )
+        dropped = CounterMetricFamily(
+            "kv_replication_messages_dropped",
+            "Raft messages dropped (Raft resends): on the way out (peer down, queue full, "
+            "stream broken) or in (the runtime's inbox full).",
+            labels=["stage"],
+        )
+        dropped.add_metric(["send"], transport.messages_dropped)
+        dropped.add_metric(["receive"], runtime.inbox_dropped)
+        yield dropped
+        mismatches = CounterMetricFamily(
+            "kv_replication_map_mismatches",
+            "Peer streams refused because the two nodes' cluster maps differ: refused here "
+            "(by=us) or by the peer (by=peer).",
+            labels=["by"],
+        )
+        mismatches.add_metric(["us"], transport.map_mismatches_refused)
+        mismatches.add_metric(["peer"], transport.map_mismatches_refused_by_peer)
+        yield mismatches

@@ -56,6 +56,7 @@ class NodeServer:
         self.config = config
         if isinstance(data, Replication):
             self.node = Node(config, None, data)
+            self.node.metrics.watch_replication(data)
         else:
             self.node = Node(config, data)
         self.port = 0

@@ -26,6 +26,7 @@ from kv_node.committer import GroupCommitter
 from kv_node.config import NodeConfig
 from kv_node.metrics import NodeMetrics
 from kv_node.peers import Peers
+from kv_node.replication.overview import leader_ids, overview
 from kv_node.replication.pending import EntryFailed, LeadershipLost, ProposalLost
 from kv_node.replication.replica import Replication
 from kv_node.routing import (
@@ -159,13 +160,47 @@ class Node:
         return self.router.not_leader(group, leader, f"{lost}; the operation did not run")
 
     def cluster_map_reply(self, include_partitions: bool) -> cluster_pb2.GetClusterMapResponse:
-        """The encoded map, built once per epoch: with partitions it is thousands of messages."""
+        """The encoded map, built once per epoch: with partitions it is thousands of messages.
+
+        Replicated, the partitions also name the leader this node knows now: a copy of the
+        cached reply with one pass over the hosted groups (``overview.leader_ids``)."""
         cluster_map = self.config.cluster_map
         key = (cluster_map.epoch, include_partitions)
         reply = self._map_replies.get(key)
         if reply is None:
             encoded = cluster_map.to_proto(include_partitions=include_partitions)
             reply = self._map_replies[key] = cluster_pb2.GetClusterMapResponse(cluster_map=encoded)
+        if include_partitions and self.replication is not None:
+            replication = self.replication
+            led = cluster_pb2.GetClusterMapResponse()
+            led.CopyFrom(reply)
+            leaders = leader_ids(replication.driver, replication.members, cluster_map.partitions)
+            for replica_set, leader in zip(led.cluster_map.partitions, leaders, strict=True):
+                if leader:
+                    replica_set.leader_id = leader
+            return led
+        return reply
+
+    def status_reply(self) -> cluster_pb2.GetNodeStatusResponse:
+        config = self.config
+        reply = cluster_pb2.GetNodeStatusResponse(
+            node_id=config.node_id,
+            address=config.advertise or "",
+            uptime_seconds=time.monotonic() - self.started,
+            keys_stored=int(self.keys_stored()),
+            engine=self.engine,
+            version=__version__,
+            requests_served=self.requests_served,
+            requests_forwarded=self.requests_forwarded,
+            epoch=config.cluster_map.epoch,
+            replication_factor=config.cluster_map.replication_factor,
+        )
+        if self.replication is not None:
+            view = overview(self.replication.driver)
+            reply.partitions_hosted = view.hosted
+            reply.partitions_led = view.led
+            reply.partitions_without_leader = view.without_leader
+            reply.replicas_behind = view.replicas_behind
         return reply
 
     def forward_timeout(self, context: Context) -> float:
@@ -436,15 +471,4 @@ class ClusterServicer(cluster_pb2_grpc.ClusterServiceServicer):
     async def GetNodeStatus(
         self, request: cluster_pb2.GetNodeStatusRequest, context: Context
     ) -> cluster_pb2.GetNodeStatusResponse:
-        node = self._node
-        return cluster_pb2.GetNodeStatusResponse(
-            node_id=node.config.node_id,
-            address=node.config.advertise or "",
-            uptime_seconds=time.monotonic() - node.started,
-            keys_stored=int(node.keys_stored()),
-            engine=node.engine,
-            version=__version__,
-            requests_served=node.requests_served,
-            requests_forwarded=node.requests_forwarded,
-            epoch=node.config.cluster_map.epoch,
-        )
+        return self._node.status_reply()

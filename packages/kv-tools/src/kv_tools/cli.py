@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kv_client import Client, KvError
-from kv_tools import cluster_control
+from kv_common.cluster_map import ClusterMap
+from kv_tools import cluster_control, node_view
 from kv_tools.cluster_dir import LocalClusterError, read_state, require_layout
 from kv_tools.local_cluster import describe_exit
 from kv_tools.local_cluster import run as run_local_cluster
@@ -50,14 +51,18 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("key")
     delete.add_argument("--if-version", type=int, help="only if the key is at this version")
 
-    locate = sub.add_parser("locate", help="show the partition and node that own a key")
+    locate = sub.add_parser(
+        "locate", help="show the partition and node that own a key (replicated: and its leader)"
+    )
     locate.add_argument("key")
 
     cluster = sub.add_parser("cluster", help="cluster commands").add_subparsers(
         dest="cluster_command", required=True
     )
     status = cluster.add_parser(
-        "status", help="members, partitions and keys per node, health; exit 1 if any is down"
+        "status",
+        help="members, partitions and keys per node, health (replicated: leaders, partitions "
+        "without a leader or a quorum); exit 1 if any is down",
     )
     status.add_argument(
         "--data", type=Path, help="a kv cluster up directory: its addresses and processes"
@@ -128,6 +133,18 @@ def _locate(client: Client, args: argparse.Namespace) -> int:
     print(f"key:       {args.key}")
     print(f"partition: {location.partition}")
     print(f"owner:     {location.node_id} at {location.address}")
+    cluster_map = client.cluster_map()
+    if cluster_map.replication_factor > 1:
+        print(f"replicas:  {', '.join(location.replicas)}")
+        # Only the partition's replicas host its group, so only they can know its leader.
+        addresses = [cluster_map.address_of(node_id) for node_id in location.replicas]
+        leader, seen_by = node_view.leader_of(
+            location.partition, addresses, min(args.timeout, STATUS_TIMEOUT)
+        )
+        if leader is None:
+            print("leader:    unknown (no replica knows one)")
+        else:
+            print(f"leader:    {leader} at {cluster_map.address_of(leader)} (seen by {seen_by})")
     return 0
 
 
@@ -152,11 +169,13 @@ def _processes(data: Path | None) -> dict[str, str]:
 def _status(client: Client, args: argparse.Namespace) -> int:
     processes = _processes(args.data)
     cluster_map = client.cluster_map()
-    by_node = cluster_map.placement.partitions_by_node()
     print(
         f"epoch {cluster_map.epoch}, {len(cluster_map.members)} members, "
         f"{cluster_map.partitions} partitions, replication factor {cluster_map.replication_factor}"
     )
+    if cluster_map.replication_factor > 1:
+        return _replicated_status(cluster_map, processes, args.timeout)
+    by_node = cluster_map.placement.partitions_by_node()
     header = f"{'node':<12} {'address':<22} {'health':<8} {'partitions':>10} {'keys':>10}"
     print(header + f" {'served':>10} {'forwarded':>10}")
     down = 0
@@ -175,6 +194,41 @@ def _status(client: Client, args: argparse.Namespace) -> int:
             f"{status.keys_stored:>10} {status.requests_served:>10} {status.requests_forwarded:>10}"
         )
     return 1 if down else 0
+
+
+def _replicated_status(cluster_map: ClusterMap, processes: dict[str, str], timeout: float) -> int:
+    """Per node, its own view of its groups: how many it leads, how many it knows no leader
+    of, how many of its followers lack committed entries; then the partitions led in all
+    and those that cannot elect a leader because too few of their replicas are up."""
+    by_node = cluster_map.placement.partitions_by_node()
+    header = f"{'node':<12} {'address':<22} {'health':<8} {'partitions':>10} {'keys':>10}"
+    print(
+        header + f" {'served':>10} {'forwarded':>10} {'leaders':>8} {'no leader':>9} {'behind':>7}"
+    )
+    up: set[str] = set()
+    led = 0
+    for member in cluster_map.members:
+        partitions = len(by_node.get(member.node_id, []))
+        status = node_view.node_status(member.address, min(timeout, STATUS_TIMEOUT))
+        if status is None:
+            process = processes.get(member.node_id)
+            note = f"{'':>33}{process}" if process else ""
+            print(f"{member.node_id:<12} {member.address:<22} {'DOWN':<8} {partitions:>10}{note}")
+            continue
+        up.add(member.node_id)
+        led += status.partitions_led
+        print(
+            f"{member.node_id:<12} {member.address:<22} {'up':<8} {partitions:>10} "
+            f"{status.keys_stored:>10} {status.requests_served:>10} "
+            f"{status.requests_forwarded:>10} {status.partitions_led:>8} "
+            f"{status.partitions_without_leader:>9} {status.replicas_behind:>7}"
+        )
+    no_quorum = node_view.without_quorum(cluster_map, up)
+    print(
+        f"leaders: {min(led, cluster_map.partitions)} of {cluster_map.partitions} partitions "
+        f"led; {no_quorum} without a quorum of replicas up"
+    )
+    return 1 if len(up) < len(cluster_map.members) else 0
 
 
 def _bench(args: argparse.Namespace, bench_argv: list[str]) -> int:

@@ -86,6 +86,8 @@ class DriverStats:
     """Counters for tests, metrics and the idle-CPU measurement."""
 
     raw_ticks: int = 0
+    proposals: int = 0
+    """Entries this node proposed as leader (each may carry many callers' writes)."""
     sleeps: int = 0
     wakes: int = 0
     unknown_group_messages: int = 0
@@ -233,6 +235,7 @@ class MultiRaft:
         """Append ``data`` to ``group``'s log; returns its index. Raises NotLeader (with the
         leader this node knows) or ProposalDropped, as ``RawNode.propose`` does."""
         index = self._nodes[group].propose(data)
+        self.stats.proposals += 1
         self._dirty[group] = None
         self._wake(group)
         return index

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kv/v1/cluster.proto\x12\x05kv.v1\"2\n\x14GetClusterMapRequest\x12\x1a\n\x12include_partitions\x18\x01 \x01(\x08\"?\n\x15GetClusterMapResponse\x12&\n\x0b\x63luster_map\x18\x01 \x01(\x0b\x32\x11.kv.v1.ClusterMap\"\xc6\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1e\n\x07members\x18\x02 \x03(\x0b\x32\r.kv.v1.Member\x12\x17\n\x0fpartition_count\x18\x03 \x01(\r\x12\x1a\n\x12replication_factor\x18\x04 \x01(\r\x12\x0e\n\x06vnodes\x18\x05 \x01(\r\x12%\n\npartitions\x18\x06 \x03(\x0b\x32\x11.kv.v1.ReplicaSet\x12\x1d\n\x06limits\x18\x07 \x01(\x0b\x32\r.kv.v1.Limits\"h\n\x06Limits\x12\x15\n\rmax_key_bytes\x18\x01 \x01(\r\x12\x17\n\x0fmax_value_bytes\x18\x02 \x01(\x04\x12\x15\n\rmax_batch_ops\x18\x03 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x04 \x01(\x04\"%\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x1e\n\nReplicaSet\x12\x10\n\x08node_ids\x18\x01 \x03(\t\"\x16\n\x14GetNodeStatusRequest\"\xcb\x01\n\x15GetNodeStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bkeys_stored\x18\x04 \x01(\x04\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x17\n\x0frequests_served\x18\x07 \x01(\x04\x12\x1a\n\x12requests_forwarded\x18\x08 \x01(\x04\x12\r\n\x05\x65poch\x18\t \x01(\x04\x32\xa8\x01\n\x0e\x43lusterService\x12J\n\rGetClusterMap\x12\x1b.kv.v1.GetClusterMapRequest\x1a\x1c.kv.v1.GetClusterMapResponse\x12J\n\rGetNodeStatus\x12\x1b.kv.v1.GetNodeStatusRequest\x1a\x1c.kv.v1.GetNodeStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13kv/v1/cluster.proto\x12\x05kv.v1\"2\n\x14GetClusterMapRequest\x12\x1a\n\x12include_partitions\x18\x01 \x01(\x08\"?\n\x15GetClusterMapResponse\x12&\n\x0b\x63luster_map\x18\x01 \x01(\x0b\x32\x11.kv.v1.ClusterMap\"\xc6\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x1e\n\x07members\x18\x02 \x03(\x0b\x32\r.kv.v1.Member\x12\x17\n\x0fpartition_count\x18\x03 \x01(\r\x12\x1a\n\x12replication_factor\x18\x04 \x01(\r\x12\x0e\n\x06vnodes\x18\x05 \x01(\r\x12%\n\npartitions\x18\x06 \x03(\x0b\x32\x11.kv.v1.ReplicaSet\x12\x1d\n\x06limits\x18\x07 \x01(\x0b\x32\r.kv.v1.Limits\"h\n\x06Limits\x12\x15\n\rmax_key_bytes\x18\x01 \x01(\r\x12\x17\n\x0fmax_value_bytes\x18\x02 \x01(\x04\x12\x15\n\rmax_batch_ops\x18\x03 \x01(\r\x12\x17\n\x0fmax_batch_bytes\x18\x04 \x01(\x04\"%\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"1\n\nReplicaSet\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x11\n\tleader_id\x18\x02 \x01(\t\"\x16\n\x14GetNodeStatusRequest\"\xd6\x02\n\x15GetNodeStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bkeys_stored\x18\x04 \x01(\x04\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x17\n\x0frequests_served\x18\x07 \x01(\x04\x12\x1a\n\x12requests_forwarded\x18\x08 \x01(\x04\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\x1a\n\x12replication_factor\x18\n \x01(\r\x12\x19\n\x11partitions_hosted\x18\x0b \x01(\r\x12\x16\n\x0epartitions_led\x18\x0c \x01(\r\x12!\n\x19partitions_without_leader\x18\r \x01(\r\x12\x17\n\x0freplicas_behind\x18\x0e \x01(\r2\xa8\x01\n\x0e\x43lusterService\x12J\n\rGetClusterMap\x12\x1b.kv.v1.GetClusterMapRequest\x1a\x1c.kv.v1.GetClusterMapResponse\x12J\n\rGetNodeStatus\x12\x1b.kv.v1.GetNodeStatusRequest\x1a\x1c.kv.v1.GetNodeStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,11 +42,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBER']._serialized_start=454
   _globals['_MEMBER']._serialized_end=491
   _globals['_REPLICASET']._serialized_start=493
-  _globals['_REPLICASET']._serialized_end=523
-  _globals['_GETNODESTATUSREQUEST']._serialized_start=525
-  _globals['_GETNODESTATUSREQUEST']._serialized_end=547
-  _globals['_GETNODESTATUSRESPONSE']._serialized_start=550
-  _globals['_GETNODESTATUSRESPONSE']._serialized_end=753
-  _globals['_CLUSTERSERVICE']._serialized_start=756
-  _globals['_CLUSTERSERVICE']._serialized_end=924
+  _globals['_REPLICASET']._serialized_end=542
+  _globals['_GETNODESTATUSREQUEST']._serialized_start=544
+  _globals['_GETNODESTATUSREQUEST']._serialized_end=566
+  _globals['_GETNODESTATUSRESPONSE']._serialized_start=569
+  _globals['_GETNODESTATUSRESPONSE']._serialized_end=911
+  _globals['_CLUSTERSERVICE']._serialized_start=914
+  _globals['_CLUSTERSERVICE']._serialized_end=1082
 # @@protoc_insertion_point(module_scope)

@@ -160,6 +160,13 @@ class ReplicaSet(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_IDS_FIELD_NUMBER: _builtins.int
+    LEADER_ID_FIELD_NUMBER: _builtins.int
+    leader_id: _builtins.str
+    """The member the answering node last knew as the partition's Raft leader;
+    empty when it knows none (no election yet, the answering node does not
+    host the partition, or the cluster is not replicated). A hint, not part
+    of the map's identity: a new leader does not advance the epoch.
+    """
     @_builtins.property
     def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Member ids, the first one is the owner."""
@@ -168,10 +175,11 @@ class ReplicaSet(_message.Message):
         self,
         *,
         node_ids: _abc.Iterable[_builtins.str] | None = ...,
+        leader_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_ids", b"node_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_id", b"leader_id", "node_ids", b"node_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,6 +213,11 @@ class GetNodeStatusResponse(_message.Message):
     REQUESTS_SERVED_FIELD_NUMBER: _builtins.int
     REQUESTS_FORWARDED_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    REPLICATION_FACTOR_FIELD_NUMBER: _builtins.int
+    PARTITIONS_HOSTED_FIELD_NUMBER: _builtins.int
+    PARTITIONS_LED_FIELD_NUMBER: _builtins.int
+    PARTITIONS_WITHOUT_LEADER_FIELD_NUMBER: _builtins.int
+    REPLICAS_BEHIND_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     address: _builtins.str
     uptime_seconds: _builtins.float
@@ -215,6 +228,21 @@ class GetNodeStatusResponse(_message.Message):
     requests_served: _builtins.int
     requests_forwarded: _builtins.int
     epoch: _builtins.int
+    replication_factor: _builtins.int
+    """The cluster map's replication factor (1: a single copy of each key)."""
+    partitions_hosted: _builtins.int
+    """The fields below describe replication as this node sees it; they are zero
+    when the cluster is not replicated.
+    Partitions this node holds a replica of.
+    """
+    partitions_led: _builtins.int
+    """Hosted partitions this node leads."""
+    partitions_without_leader: _builtins.int
+    """Hosted partitions for which this node knows no leader."""
+    replicas_behind: _builtins.int
+    """Followers of partitions this node leads whose log lacks entries the
+    leader has committed (one count per follower and partition).
+    """
     def __init__(
         self,
         *,
@@ -227,10 +255,15 @@ class GetNodeStatusResponse(_message.Message):
         requests_served: _builtins.int = ...,
         requests_forwarded: _builtins.int = ...,
         epoch: _builtins.int = ...,
+        replication_factor: _builtins.int = ...,
+        partitions_hosted: _builtins.int = ...,
+        partitions_led: _builtins.int = ...,
+        partitions_without_leader: _builtins.int = ...,
+        replicas_behind: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "epoch", b"epoch", "keys_stored", b"keys_stored", "node_id", b"node_id", "requests_forwarded", b"requests_forwarded", "requests_served", b"requests_served", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "engine", b"engine", "epoch", b"epoch", "keys_stored", b"keys_stored", "node_id", b"node_id", "partitions_hosted", b"partitions_hosted", "partitions_led", b"partitions_led", "partitions_without_leader", b"partitions_without_leader", "replicas_behind", b"replicas_behind", "replication_factor", b"replication_factor", "requests_forwarded", b"requests_forwarded", "requests_served", b"requests_served", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
