@@ -604,3 +604,28 @@ def test_random_faults_keep_one_leader_per_term_and_agreeing_logs(seed: int) -> 
     for g in c.voters:
         logs = {tuple(c.applied[n, g]) for n in c.voters[g]}
         assert len(logs) == 1, f"seed {seed}: group {g} replicas differ after healing"
+
+
+def test_preferred_leaders_campaign_again_when_their_links_come_up() -> None:
+    """At start the first campaigns are sent before any stream to a peer is up, and lost;
+    each link coming up makes the preferred leaders of leaderless groups campaign again, so
+    the cluster is led within a few ticks instead of an election timeout."""
+    c = Cluster(groups=12)
+    for a in c.ids:
+        for b in c.ids:
+            if a < b:
+                c.partition(a, b)
+    for driver in c.drivers.values():
+        driver.campaign_preferred()
+    c.settle()
+    assert not any(c.leader(g) for g in c.voters), "the campaigns reached nobody"
+    for a in c.ids:
+        for b in c.ids:
+            if a < b:
+                c.heal(a, b)
+    for node, driver in c.drivers.items():
+        for peer in c.ids:
+            if peer != node:
+                driver.peer_connected(peer)
+    took = c.run_until(c.all_led, max_ticks=ELECTION_TICK // 2)
+    assert took < ELECTION_TICK // 2

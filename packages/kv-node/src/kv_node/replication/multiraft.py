@@ -267,6 +267,20 @@ class MultiRaft:
             if self.preferred_leader(group) == self.id:
                 self.campaign(group)
 
+    def peer_connected(self, peer: int) -> None:
+        """Our stream to ``peer`` came up. Messages to a peer are dropped until then, so at
+        start the campaigns of ``campaign_preferred`` may have reached nobody: campaign again
+        in the groups this node is the preferred leader of that include ``peer`` and still
+        know no leader (a scan of every group, but only when a link comes up)."""
+        for group, node in self._nodes.items():
+            if (
+                node.leader == NO_NODE
+                and node.role != Role.LEADER
+                and self.preferred_leader(group) == self.id
+                and peer in node.voters
+            ):
+                self.campaign(group)
+
     def peer_alive(self, peer: int, alive: bool) -> None:
         """The transport's verdict on a peer node: its frames stopped (False) or resumed (True).
 

@@ -107,6 +107,7 @@ class Replication:
             config=config.transport,
             rng=random.Random(seed),
             dial=config.dial,
+            on_link_state=self._on_link_state,
         )
         self.runtime = ReplicationRuntime(
             driver=self.driver,
@@ -178,6 +179,10 @@ class Replication:
 
     def _on_peer_state(self, peer: int, alive: bool) -> None:
         self.runtime.on_peer_state(peer, alive)
+
+    def _on_link_state(self, peer: int, connected: bool) -> None:
+        if connected:
+            self.runtime.on_link_up(peer)
 
     def _on_leader_change(self, group: int, leader: int) -> None:
         if leader != NO_NODE and self._leaderless:

@@ -74,6 +74,7 @@ class RuntimeStats:
 class _Inbox:
     messages: list[tuple[int, Message]] = field(default_factory=list)
     liveness: list[tuple[int, bool]] = field(default_factory=list)
+    connected: list[int] = field(default_factory=list)
 
 
 class ReplicationRuntime:
@@ -149,6 +150,11 @@ class ReplicationRuntime:
         self._inbox.liveness.append((peer, alive))
         self._wake.set()
 
+    def on_link_up(self, peer: int) -> None:
+        """Our stream to ``peer`` is up: what we send it arrives from now on."""
+        self._inbox.connected.append(peer)
+        self._wake.set()
+
     # -- life -----------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replication")
@@ -209,6 +215,8 @@ class ReplicationRuntime:
         inbox, self._inbox = self._inbox, _Inbox()
         for raft_id, alive in inbox.liveness:
             driver.peer_alive(raft_id, alive)
+        for raft_id in inbox.connected:
+            driver.peer_connected(raft_id)
         for group, message in inbox.messages:
             driver.step(group, message)
         # One caller's bad request must never stop the runtime: every refusal below fails
