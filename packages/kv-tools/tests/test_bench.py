@@ -345,3 +345,84 @@ def test_missing_anchor_binaries_are_reported_not_installed(
     assert "etcd-server" in etcd.reason
     assert isinstance(redis, servers.Unavailable)
     assert "redis-server" in redis.reason
+
+
+# --- replication: the RF=3 scenario -------------------------------------------------------
+
+
+def test_one_key_lands_in_every_partition() -> None:
+    from kv_common.placement import partition_of
+    from kv_tools.bench.servers import key_per_partition
+
+    for partitions in (16, 4096):
+        keys = key_per_partition(partitions)
+        assert sorted(keys) == list(range(partitions))
+        assert all(partition_of(key, partitions) == p for p, key in keys.items())
+
+
+def test_replication_suite_compares_rf3_with_rf1_and_etcd() -> None:
+    labels = [c.label for c in configs("replication", [64])]
+    for target in ("kv1-lmdb", "kv3-lmdb", "kv3-rf3"):
+        assert f"{target} sdk put unary c64" in labels
+        assert f"{target} sdk put batch100 c16" in labels
+        assert f"{target} sdk ycsb-C unary c64" in labels  # linearizable gets
+    assert "etcd etcd put unary c64" in labels
+    full = {c.label for c in configs("full", [1, 16, 64])}
+    assert set(labels) <= full
+    # The smoke suite stays short: an RF=3 cluster at 4,096 partitions takes long to settle.
+    assert not any(c.target == "kv3-rf3" for c in configs("smoke", [64]))
+
+
+def test_idle_report_shows_both_start_times_and_every_node() -> None:
+    from kv_tools.bench.idle import verdicts
+    from kv_tools.bench.report import idle_table
+
+    measured = {
+        "nodes": 3,
+        "replication_factor": 3,
+        "partitions": "default",
+        "start_to_serving_s": 5.95,
+        "start_to_writable_s": 41.9,
+        "writable_attempts": 30,
+        "writes_refused": 900,
+        "loadavg_at_start": 8.8,
+        "idle_seconds": 30.0,
+        "idle_cpu_percent": {"kv-lmdb-rf3-n1": 1.2, "kv-lmdb-rf3-n2": 6.5},
+        "idle_cpu_percent_per_node_by_slice": [1.3, 1.0],
+        "loadavg_idle_before": 9.5,
+        "loadavg_idle_after": 8.0,
+    }
+    table = idle_table([measured, {"partitions": 256, "error": "3 partitions refuse"}])
+    row = table.splitlines()[2]
+    assert "| 5.95 | 41.9 | 8.8 |" in row
+    assert "n1 1.2, n2 6.5" in row and "1.3, 1.0" in row and "9.5 / 8.0" in row
+    assert "error: 3 partitions refuse" in table.splitlines()[3]
+    lines = verdicts(measured)
+    assert any("writable 41.9 s" in line and "MISSED" in line for line in lines)
+    assert any("n1 idle 1.2%" in line and "met" in line for line in lines)
+    assert any("n2 idle 6.5%" in line and "MISSED" in line for line in lines)
+
+
+REPLICATED_TEST_PARTITIONS = 16
+
+
+def test_replicated_cluster_starts_serves_every_partition_and_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real node processes: the RF=3 flags reach the nodes, every partition takes a write
+    before the measurement, and every process is stopped afterwards."""
+    from kv_tools.bench import idle, servers
+
+    monkeypatch.setattr(idle, "SETTLE_SECONDS", 0.1)
+    with servers.Servers() as running:
+        measured = asyncio.run(idle.measure_idle(running, REPLICATED_TEST_PARTITIONS, 0.5))
+        assert running.processes == []
+        assert running.root is not None
+        logs = [log.read_text() for log in running.root.rglob("server.log")]
+    assert len(logs) == 3
+    for text in logs:
+        assert f"{REPLICATED_TEST_PARTITIONS} partitions, replication factor 3" in text
+    assert 0 < measured["start_to_serving_s"] <= measured["start_to_writable_s"]
+    assert measured["writable_attempts"] >= 1
+    assert len(measured["idle_cpu_percent"]) == 3
+    assert all(v >= 0 for v in measured["idle_cpu_percent"].values())

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kv_tools.bench.cli import parse_levels
+from kv_tools.bench.idle import measure_idle, verdicts
 from kv_tools.bench.memory import measure_engine
 from kv_tools.bench.report import machine, write_all
 from kv_tools.bench.servers import Servers
@@ -19,16 +20,36 @@ from kv_tools.bench.suite import TARGETS, configs, ratios, run_suite
 
 SUITES: dict[str, dict[str, Any]] = {
     # ~1-2 minutes on 2 cores: the headline configurations and every ratio, small memory fill.
-    "smoke": {"duration": 1.5, "rounds": 3, "warmup": 0.3, "keyspace": 10_000, "memory": 50_000},
-    # The sweep, YCSB A/B/C, and the 1M-key memory figure.
+    "smoke": {
+        "duration": 1.5,
+        "rounds": 3,
+        "warmup": 0.3,
+        "keyspace": 10_000,
+        "memory": 50_000,
+        "idle": 0.0,
+    },
+    # The sweep, YCSB A/B/C, replication, the 1M-key memory figure and a replicated cluster's
+    # start and idle cost.
     "full": {
         "duration": 5.0,
         "rounds": 3,
         "warmup": 1.0,
         "keyspace": 100_000,
         "memory": 1_000_000,
+        "idle": 30.0,
+    },
+    # ~3-4 minutes: issue 10's rows (RF=3 vs RF=1 vs etcd) and the start and idle cost.
+    "replication": {
+        "duration": 2.0,
+        "rounds": 3,
+        "warmup": 0.5,
+        "keyspace": 10_000,
+        "memory": 0,
+        "idle": 30.0,
     },
 }
+IDLE_PARTITIONS = (None, 256)
+"""Partition counts of the start and idle measurement: the node's default (4,096), and fewer."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,8 +79,30 @@ def parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="run only configurations whose label contains TEXT (repeatable)",
     )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        help="idle window of the 3-node RF=3 start and idle measurement (0 skips it)",
+    )
     p.add_argument("--seed", type=int, default=1)
     return p
+
+
+async def _idle(servers: Servers, seconds: float) -> list[dict[str, Any]]:
+    """Start a 3-node RF=3 cluster per partition count, time it to SERVING, watch it idle."""
+    measured = []
+    for partitions in IDLE_PARTITIONS:
+        shown = "default" if partitions is None else partitions
+        print(f"idle: 3 nodes RF=3, {shown} partitions, {seconds:g} s idle")
+        try:
+            result = await measure_idle(servers, partitions, seconds)
+        except Exception as exc:
+            result = {"partitions": shown, "error": str(exc)}
+        else:
+            for line in verdicts(result):
+                print(f"  {line}")
+        measured.append(result)
+    return measured
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -69,6 +112,7 @@ async def _main(args: argparse.Namespace) -> int:
     warmup = preset["warmup"] if args.warmup is None else args.warmup
     keyspace = args.keyspace or preset["keyspace"]
     memory_keys = preset["memory"] if args.memory_keys is None else args.memory_keys
+    idle_seconds = preset["idle"] if args.idle_seconds is None else args.idle_seconds
     plan = configs(args.suite, args.concurrency)
     if args.only:
         plan = [c for c in plan if any(text in c.label for text in args.only)]
@@ -77,6 +121,8 @@ async def _main(args: argparse.Namespace) -> int:
     info = machine()
     print(f"kv bench: suite {args.suite}, {len(plan)} configurations x {rounds} rounds")
     with Servers() as servers:
+        # Before the load runs: nothing else of the bench is running while it idles.
+        idle = await _idle(servers, idle_seconds) if idle_seconds > 0 else []
         result = await run_suite(
             servers,
             plan,
@@ -96,6 +142,7 @@ async def _main(args: argparse.Namespace) -> int:
                     measured = {"engine": engine, "error": str(exc)}
                 print(f"  {measured}")
                 result.memory.append(measured)
+    result.idle = idle
     result.settings["loadavg_before"] = loadavg_before
     result.settings["loadavg_after"] = os.getloadavg()[0]
     result.settings["suite"] = args.suite

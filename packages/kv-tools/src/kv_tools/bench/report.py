@@ -117,6 +117,35 @@ def memory_table(memory: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def idle_table(idle: Sequence[dict[str, Any]]) -> str:
+    """Start to SERVING and idle CPU of 3-node RF=3 clusters, with the load beside them."""
+    lines = [
+        "| cluster | partitions | start to SERVING s | start to all writable s "
+        "| load avg at start | idle CPU per node (% of one core) "
+        "| per 5 s slice, mean of nodes | load avg while idle |",
+        "|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for m in idle:
+        if "error" in m:
+            lines.append(f"| 3 nodes RF=3 | {m['partitions']} | error: {m['error']} | | | | | |")
+            continue
+        cpu = m.get("idle_cpu_percent", {})
+        per_node = ", ".join(f"{name.rsplit('-', 1)[-1]} {v:.1f}" for name, v in cpu.items())
+        slices = ", ".join(f"{v:.1f}" for v in m.get("idle_cpu_percent_per_node_by_slice", []))
+        load_idle = (
+            f"{m['loadavg_idle_before']:.1f} / {m['loadavg_idle_after']:.1f}"
+            if "loadavg_idle_before" in m
+            else "-"
+        )
+        lines.append(
+            f"| {m['nodes']} nodes RF={m['replication_factor']} | {m['partitions']} "
+            f"| {m['start_to_serving_s']:.2f} | {m.get('start_to_writable_s', '-')} "
+            f"| {m['loadavg_at_start']:.1f} "
+            f"| {per_node or '-'} | {slices or '-'} | {load_idle} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(result: SuiteResult, info: dict[str, Any]) -> str:
     s = result.settings
     parts = [
@@ -141,11 +170,19 @@ def markdown(result: SuiteResult, info: dict[str, Any]) -> str:
         "",
         ratios_table(result.ratios),
     ]
+    if s.get("preload_failed"):
+        parts += ["", "Preload incomplete (reads of these keys find nothing):"]
+        parts += [
+            f"- {name}: {n:,} of {s['keyspace']:,} puts failed"
+            for name, n in s["preload_failed"].items()
+        ]
     if result.unavailable:
         parts += ["", "Not measured:"]
         parts += [f"- {name}: {why}" for name, why in result.unavailable.items()]
     if result.memory:
         parts += ["", memory_table(result.memory)]
+    if result.idle:
+        parts += ["", idle_table(result.idle)]
     return "\n".join(parts) + "\n"
 
 
@@ -157,6 +194,7 @@ def to_json(result: SuiteResult, info: dict[str, Any]) -> dict[str, Any]:
         "ratios": [r.to_dict() for r in result.ratios],
         "unavailable": result.unavailable,
         "memory": result.memory,
+        "idle": result.idle,
     }
 
 

@@ -13,16 +13,28 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kv_client import Client
+from kv_client.batch import Put
+from kv_common.placement import DEFAULT_PARTITIONS, partition_of
 from kv_tools import launcher
 from kv_tools.launcher import free_port
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+PROBE_TIMEOUT = 0.5
+WRITABLE_TIMEOUT = 120.0
+"""A 3-node RF=3 cluster at 4,096 partitions took 30-60 s to settle on 2 busy cores."""
+WRITABLE_RETRY_SECONDS = 0.2
+WRITABLE_BATCH = 256
 
 
 class ServerError(Exception):
@@ -107,6 +119,89 @@ def _wait_port(process: Process, timeout: float = READY_TIMEOUT) -> None:
         raise ServerError(f"{exc}:\n{process.log_tail()}") from None
 
 
+def reports_serving(channel: grpc.Channel) -> Callable[[], bool]:
+    """Readiness of a replicated kv node: its gRPC health says SERVING.
+
+    A replicated node answers NodeStatus as soon as its server is up, but reports SERVING only
+    once its partitions have leaders (or a bound passed), so a load started earlier would
+    measure the elections.
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    def probe() -> bool:
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return probe
+
+
+def _wait_serving(processes: Sequence[Process], timeout: float = READY_TIMEOUT) -> None:
+    """Wait until every process's health says SERVING, within one shared deadline."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        with grpc.insecure_channel(process.address) as channel:
+            try:
+                launcher.wait_until(
+                    reports_serving(channel),
+                    process.popen,
+                    name=process.name,
+                    deadline=deadline,
+                    log=process.log,
+                )
+            except launcher.LaunchError as exc:
+                raise ServerError(f"{exc}:\n{process.log_tail()}") from None
+
+
+def key_per_partition(partitions: int) -> dict[int, bytes]:
+    """One key in each partition (searched: keys hash uniformly onto partitions)."""
+    keys: dict[int, bytes] = {}
+    candidate = 0
+    while len(keys) < partitions:
+        key = b"p%015d" % candidate
+        keys.setdefault(partition_of(key, partitions), key)
+        candidate += 1
+    return keys
+
+
+def wait_writable(
+    addresses: Sequence[str], partitions: int, timeout: float = WRITABLE_TIMEOUT
+) -> tuple[int, int]:
+    """Put one key of every partition through the SDK until every put has succeeded.
+
+    A replicated node reports SERVING once each of its partitions has known a leader, which
+    does not mean that every partition accepts writes now (leaders change while thousands of
+    groups settle); a load started before this would measure the settling. Puts go in
+    batches of ``WRITABLE_BATCH`` (one slow batch fails only its own keys). Returns (batches
+    sent, puts refused); raises ServerError, naming the refusals, past ``timeout``.
+    """
+    pending = key_per_partition(partitions)
+    attempts = refusals = 0
+    kinds: Counter[str] = Counter()
+    deadline = time.monotonic() + timeout
+    with Client(list(addresses), timeout=10.0) as client:
+        while pending:
+            if time.monotonic() > deadline:
+                seen = "; ".join(f"{n} x {kind}" for kind, n in kinds.most_common(3))
+                raise ServerError(f"{len(pending)} partitions still refuse writes ({seen})")
+            groups = list(pending)
+            for start in range(0, len(groups), WRITABLE_BATCH):
+                chunk = groups[start : start + WRITABLE_BATCH]
+                attempts += 1
+                results = client.batch([Put(pending[g], b"x") for g in chunk])
+                for group, outcome in zip(chunk, results, strict=True):
+                    if isinstance(outcome, Exception):
+                        refusals += 1
+                        kinds[f"{type(outcome).__name__}: {outcome}"[:120]] += 1
+                    else:
+                        del pending[group]
+            if pending:
+                time.sleep(WRITABLE_RETRY_SECONDS)
+    return attempts, refusals
+
+
 @dataclass
 class Servers:
     """Owns every process it starts; use as a context manager."""
@@ -172,29 +267,51 @@ class Servers:
         _wait_port(process)
         return process
 
-    def start_kv(self, nodes: int, engine: str) -> list[Process]:
-        """A kv cluster of ``nodes`` real node processes; returns them in id order."""
+    def start_kv(
+        self,
+        nodes: int,
+        engine: str,
+        *,
+        replication_factor: int = 1,
+        partitions: int | None = None,
+        writable: bool = True,
+    ) -> list[Process]:
+        """A kv cluster of ``nodes`` real node processes; returns them in id order.
+
+        With ``replication_factor`` above 1 every partition is a Raft group, and this returns
+        once every node reports SERVING and then (``writable``) once every partition has
+        accepted a write. ``partitions`` None keeps the node's default count.
+        """
         ids = [f"n{i}" for i in range(1, nodes + 1)]
         addresses = {node_id: f"127.0.0.1:{free_port()}" for node_id in ids}
         cluster = launcher.cluster_spec(addresses)
+        kind = engine if replication_factor == 1 else f"{engine}-rf{replication_factor}"
+        flags = ["--replication-factor", str(replication_factor)]
+        if partitions is not None:
+            flags += ["--partitions", str(partitions)]
         started = []
         for node_id in ids:
-            data_dir = self._dir(f"kv-{engine}-{node_id}")
+            data_dir = self._dir(f"kv-{kind}-{node_id}")
             spec = launcher.NodeSpec(
                 node_id,
                 addresses[node_id],
                 cluster,
                 data_dir / "data",
                 engine=engine,
-                extra=("--listen", addresses[node_id]),
+                extra=("--listen", addresses[node_id], *flags),
             )
             started.append(
-                self._spawn(f"kv-{engine}-{node_id}", spec.argv(), data_dir, addresses[node_id])
+                self._spawn(f"kv-{kind}-{node_id}", spec.argv(), data_dir, addresses[node_id])
             )
         try:
             launcher.wait_nodes_serving((p.name, p.address, p.popen, p.log) for p in started)
         except launcher.LaunchError as exc:
             raise ServerError(str(exc)) from None
+        if replication_factor > 1:
+            _wait_serving(started)
+            if writable:
+                count = DEFAULT_PARTITIONS if partitions is None else partitions
+                wait_writable([p.address for p in started], count)
         return started
 
     def start_etcd(self) -> Process | Unavailable:
