@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from kv_client import Client, KvError
 
 READY_TIMEOUT = 30.0
@@ -170,16 +173,29 @@ def wait_until(
 
 
 def answers_status(client: Client, address: str) -> Callable[[], bool]:
-    """Readiness of a kv node: it answers NodeStatus."""
+    """Readiness of a kv node: it answers NodeStatus and its health check says SERVING (a
+    replicated node answers the first before its partitions have leaders, the second after)."""
 
     def probe() -> bool:
         try:
             client.node_status(address, timeout=PROBE_TIMEOUT)
         except KvError:
             return False
-        return True
+        return reports_serving(address)
 
     return probe
+
+
+def reports_serving(address: str) -> bool:
+    """Whether the node at ``address`` answers the standard health check with SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def accepts_connections(address: str) -> Callable[[], bool]:
