@@ -95,48 +95,49 @@ class Node:
         return self.store.engine if self.store is not None else "lmdb-replicated"
 
     async def write(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
-        """Write ops of keys this node serves (``Router.route`` said LOCAL), in order."""
-        return cast(list[WriteResult], await self.apply(ops))
+        """Write ops of keys this node serves (``Router.route`` said LOCAL), in order; a
+        refusal of any of them is raised."""
+        results = await self.apply(ops)
+        for result in results:
+            if isinstance(result, Refusal):
+                raise Refused(result)
+        return cast(list[WriteResult], results)
 
-    async def apply(self, ops: Sequence[Op]) -> list[Outcome]:
+    async def apply(self, ops: Sequence[Op]) -> list[Outcome | Refusal]:
         """Apply ops of keys this node serves in order; reads among them see earlier writes.
 
-        Replicated: ops of one partition become one entry of its log (one Raft proposal);
-        a batch spanning partitions is one proposal per partition, applied concurrently
-        (per-key order holds because a key has one partition). A refusal fails the whole
-        call; ``Batch`` uses ``apply_partition`` to keep other partitions' results."""
+        One copy: one group-committer call (a failure raises). Replicated: the ops of one
+        partition are one Raft proposal, the partitions' proposals run concurrently (per-key
+        order holds: a key has one partition), and a partition's refusal (``NOT_LEADER``, a
+        failed entry) is the result of each of its ops, not of the others'."""
         if self.committer is not None:
-            return await self.committer.apply(ops)
-        results: list[Outcome | None] = [None] * len(ops)
-        await asyncio.gather(
-            *(
-                self._apply_partition(group, [(i, ops[i]) for i in indexes], results)
-                for group, indexes in self.by_partition(ops).items()
-            )
-        )
-        return [r for r in results if r is not None]
-
-    def by_partition(self, ops: Sequence[Op]) -> dict[int, list[int]]:
-        assert self.replication is not None
-        group_of = self.replication.group_of
-        groups: dict[int, list[int]] = {}
+            return list(await self.committer.apply(ops))
+        replication = self.replication
+        assert replication is not None
+        partitions: dict[int, list[int]] = {}
         for index, op in enumerate(ops):
-            groups.setdefault(group_of(op.key), []).append(index)
-        return groups
+            partitions.setdefault(replication.group_of(op.key), []).append(index)
+        results: list[Outcome | Refusal | None] = [None] * len(ops)
 
-    async def _apply_partition(
-        self, group: int, ops: list[tuple[int, Op]], results: list[Outcome | None]
-    ) -> None:
-        outcomes = await self.apply_partition(group, [op for _, op in ops])
-        for (index, _), outcome in zip(ops, outcomes, strict=True):
-            results[index] = outcome
+        async def propose(group: int, indexes: list[int]) -> None:
+            try:
+                outcomes: list[Outcome | Refusal] = list(
+                    await self._propose(group, [ops[i] for i in indexes])
+                )
+            except Refused as refused:
+                outcomes = [refused.refusal] * len(indexes)
+            for index, outcome in zip(indexes, outcomes, strict=True):
+                results[index] = outcome
 
-    async def apply_partition(self, group: int, ops: Sequence[Op]) -> list[Outcome]:
+        await asyncio.gather(*(propose(g, indexes) for g, indexes in partitions.items()))
+        return [result for result in results if result is not None]  # every op has one
+
+    async def _propose(self, group: int, ops: list[Op]) -> list[Outcome]:
         """One Raft proposal of ``ops`` (all of ``group``); refusals raise ``Refused``."""
         replication = self.replication
         assert replication is not None
         try:
-            return await replication.write(group, list(ops))
+            return await replication.write(group, ops)
         except (LeadershipLost, ProposalLost) as lost:
             raise Refused(self._not_leader(group, lost)) from None
         except EntryFailed as failed:
@@ -420,25 +421,12 @@ class KVServicer(kv_pb2_grpc.KVServiceServicer):
         async def commit_local() -> None:
             if not plan.local:
                 return
-            if node.replication is None:
-                outcomes = await node.apply([op for _, op in plan.local])
-                for (index, op), outcome in zip(plan.local, outcomes, strict=True):
+            outcomes = await node.apply([op for _, op in plan.local])
+            for (index, op), outcome in zip(plan.local, outcomes, strict=True):
+                if isinstance(outcome, Refusal):
+                    results[index] = _error_result(outcome)
+                else:
                     results[index] = _local_result(op, outcome)
-                return
-            groups = node.by_partition([op for _, op in plan.local])
-            await asyncio.gather(
-                *(commit_partition(g, [plan.local[i] for i in idx]) for g, idx in groups.items())
-            )
-
-        async def commit_partition(group: int, ops: list[tuple[int, Op]]) -> None:
-            try:
-                outcomes = await node.apply_partition(group, [op for _, op in ops])
-            except Refused as refused:
-                for index, _ in ops:
-                    results[index] = _error_result(refused.refusal)
-                return
-            for (index, op), outcome in zip(ops, outcomes, strict=True):
-                results[index] = _local_result(op, outcome)
 
         async def forward_group(owner: str, indexes: list[int]) -> None:
             group = kv_pb2.BatchRequest(operations=[operations[i] for i in indexes])
