@@ -166,9 +166,12 @@ class ReplicationRuntime:
             with contextlib.suppress(Exception):  # a failed cycle was logged and recorded
                 await self._task
             self._task = None
-        stopped = RuntimeError("the node is shutting down")
-        self._proposals.fail_all(stopped)
-        self._reads.fail_all(stopped)
+        self._fail_waiting(RuntimeError("the node is shutting down"))
+
+    def _fail_waiting(self, error: Exception) -> None:
+        """Nothing more will be applied: fail every write and read still waiting."""
+        self._proposals.fail_all(error)
+        self._reads.fail_all(error)
 
     def _check_running(self) -> None:
         if self._task is None or self._stopping:
@@ -203,9 +206,7 @@ class ReplicationRuntime:
                 log.exception("replication stopped: a cycle failed")
                 self.failure = exc
                 self._stopping = True
-                failed = RuntimeError(f"replication stopped: {exc}")
-                self._proposals.fail_all(failed)
-                self._reads.fail_all(failed)
+                self._fail_waiting(RuntimeError(f"replication stopped: {exc}"))
                 self.stopped.set()
                 raise
         self.stopped.set()
@@ -229,9 +230,8 @@ class ReplicationRuntime:
                 continue
             try:
                 index = driver.propose(group, data)
-            except ProposalDropped as refused:  # NotLeader, or a leadership transfer
+            except ProposalDropped:  # NotLeader, or a leadership transfer
                 self._proposals.refused(waiters, LeadershipLost(group, driver.leader(group)))
-                del refused
                 continue
             self._proposals.proposed(group, index, driver.term(group), waiters)
         for group, request_id in self._reads.requests():
