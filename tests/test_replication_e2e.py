@@ -190,3 +190,32 @@ def test_a_paused_replica_misses_nothing_and_serves_no_stale_read(tmp_path: Path
         paused.resume()
         assert read_directly(paused, "probe") == b"during"
         assert_all_readable(cluster, history.acknowledged)
+
+
+def test_a_node_says_serving_only_once_its_partitions_have_leaders(tmp_path: Path) -> None:
+    """Alone, a node of a 3-node cluster has no quorum, so no leaders: it answers status
+    calls but its health check says NOT_SERVING (for up to the node's leader wait); with a
+    second node up every partition elects a leader and both say SERVING."""
+    cluster = Cluster(tmp_path, ["n1", "n2", "n3"], extra=REPLICATED)
+    first, second = cluster.nodes["n1"], cluster.nodes["n2"]
+    try:
+        first.start()
+        with Client([first.address], timeout=1.0) as client:
+
+            def answers() -> bool:
+                try:
+                    client.node_status(first.address)
+                except KvError:
+                    return False
+                return True
+
+            poll_until(answers, timeout=CATCH_UP_TIMEOUT, what="n1 to answer status calls")
+        assert not launcher.reports_serving(first.address)
+        second.start()
+        first.wait_ready()
+        second.wait_ready()
+        with Client([first.address, second.address], timeout=WRITE_TIMEOUT) as kv:
+            kv.put("after-ready", b"v")
+            assert kv.get("after-ready") == b"v"
+    finally:
+        cluster.stop()

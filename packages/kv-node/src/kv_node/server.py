@@ -68,6 +68,10 @@ class NodeServer:
             options=server_options(self.config), interceptors=[self.guard]
         )
         self.health = health.aio.HealthServicer()
+        # grpc's health servicer starts by answering SERVING for the whole server (""); a node
+        # says so only once it is ready (below, in ``start``), so every name starts NOT_SERVING.
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         kv_pb2_grpc.add_KVServiceServicer_to_server(KVServicer(self.node), self.server)
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(
             ClusterServicer(self.node), self.server
