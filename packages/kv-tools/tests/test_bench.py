@@ -369,7 +369,7 @@ def test_replication_suite_compares_rf3_with_rf1_and_etcd() -> None:
     assert "etcd etcd put unary c64" in labels
     full = {c.label for c in configs("full", [1, 16, 64])}
     assert set(labels) <= full
-    # The smoke suite stays short: an RF=3 cluster at 4,096 partitions takes long to settle.
+    # The smoke suite stays short: an RF=3 cluster takes seconds to elect its leaders.
     assert not any(c.target == "kv3-rf3" for c in configs("smoke", [64]))
 
 

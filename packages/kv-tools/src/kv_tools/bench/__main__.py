@@ -49,7 +49,7 @@ SUITES: dict[str, dict[str, Any]] = {
     },
 }
 IDLE_PARTITIONS = (None, 256)
-"""Partition counts of the start and idle measurement: the node's default (4,096), and fewer."""
+"""Partition counts of the start and idle measurement: the node's default (1,024), and fewer."""
 
 
 def parser() -> argparse.ArgumentParser:

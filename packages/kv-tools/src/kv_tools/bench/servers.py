@@ -32,7 +32,8 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 PROBE_TIMEOUT = 0.5
 WRITABLE_TIMEOUT = 120.0
-"""A 3-node RF=3 cluster at 4,096 partitions took 30-60 s to settle on 2 busy cores."""
+"""A 3-node RF=3 cluster at 4,096 partitions (the default until 2026-12-02) took 30-60 s to
+settle on 2 busy cores."""
 WRITABLE_RETRY_SECONDS = 0.2
 WRITABLE_BATCH = 256
 
