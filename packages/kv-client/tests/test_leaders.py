@@ -9,7 +9,7 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client import _calls
 from kv_client.call_run import CallRun, Send, Wait
-from kv_client.errors import NotLeaderError
+from kv_client.errors import NotLeaderError, UnavailableError
 from kv_client.leaders import Leaders
 from kv_client.retry import RetryPolicy
 from kv_common.cluster_map import ClusterMap, Member
@@ -107,3 +107,28 @@ def test_no_leader_yet_backs_off_and_tries_the_next_replica() -> None:
     following = {r: REPLICAS[(i + 1) % len(REPLICAS)] for i, r in enumerate(REPLICAS)}
     assert targets[0] == REPLICAS[1]
     assert all(following[a] == b for a, b in itertools.pairwise(targets))
+
+
+def test_a_dead_leader_named_by_a_replica_is_not_tried_again_by_the_call() -> None:
+    """kill -9 of a leader: the call cannot connect to it, and the next replica still names
+    it (its failure detector has not fired yet). The call waits on that replica, past
+    max_attempts, until it names the new leader, instead of bouncing back to the dead one."""
+    leaders = Leaders()
+    run = run_of(leaders, RetryPolicy(max_attempts=2))
+    dead, survivor, successor = REPLICAS
+    first = run.routed(MAP, 0.0)
+    assert isinstance(first, Send) and first.node_id == dead
+    refused = UnavailableError("connection refused", code=grpc.StatusCode.UNAVAILABLE)
+    assert isinstance(run.failed(refused, never_sent=True, now=0.0), Wait)
+    targets = []
+    for attempt in range(4):
+        sent = run.resume(0.1 * attempt)
+        assert isinstance(sent, Send)
+        targets.append(sent.node_id)
+        assert isinstance(run.failed(not_leader(dead), never_sent=False, now=0.1), Wait)
+    assert targets == [survivor] * 4
+    sent = run.resume(0.5)
+    assert isinstance(sent, Send) and sent.node_id == survivor
+    assert isinstance(run.failed(not_leader(successor), never_sent=False, now=0.5), Wait)
+    sent = run.resume(0.5)
+    assert isinstance(sent, Send) and sent.node_id == successor

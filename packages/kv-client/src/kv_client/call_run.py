@@ -117,6 +117,10 @@ class CallRun(Generic[Out]):
         self._sent: Send | None = None
         self._last_error: KvError | None = None
         self._leaders = leaders if leaders is not None else Leaders()
+        self._unreachable: set[str] = set()
+        """Nodes this call could not reach. A replica may go on naming a dead leader until its
+        own failure detector notices (about an election timeout); the call does not go back
+        to one of them on such a hint, but waits on the replica for news of the new leader."""
 
     def start(self) -> NeedMap:
         return NeedMap(refresh=False, deadline=self.deadline)
@@ -159,7 +163,7 @@ class CallRun(Generic[Out]):
         if pause is None:
             return Fail(error)
         self.attempt += 1
-        self._retarget(error)
+        self._retarget(error, never_sent=never_sent)
         if error.invalid_metadata:
             self._pause_after_map = pause
             epoch = self._map.epoch if self._map is not None else None
@@ -191,7 +195,7 @@ class CallRun(Generic[Out]):
         )
         return self._sent
 
-    def _retarget(self, error: KvError) -> None:
+    def _retarget(self, error: KvError, *, never_sent: bool) -> None:
         """Where a retry goes when the key's partition has several replicas: the leader a
         NOT_LEADER refusal named, or after the node tried could not serve (unreachable, no
         leader yet), the next replica in ring order, which knows the leader or forwards."""
@@ -199,6 +203,8 @@ class CallRun(Generic[Out]):
         if sent is None or cluster_map is None or cluster_map.replication_factor < 2:
             return
         hinted = error.metadata.get("leader_id")
+        if hinted is not None and hinted in self._unreachable:
+            return  # stay on the replica that answered: it will learn the new leader
         if (
             hinted is not None
             and hinted != sent.node_id
@@ -206,4 +212,6 @@ class CallRun(Generic[Out]):
         ):
             return
         if isinstance(error, UnavailableError):
+            if never_sent:
+                self._unreachable.add(sent.node_id)
             self._leaders.unreachable(cluster_map, self.call.key, sent.node_id)
