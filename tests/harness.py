@@ -18,6 +18,10 @@ from pathlib import Path
 from kv_tools import launcher
 
 STOP_TIMEOUT = 15.0
+REPLICATION_FLAG = "--replication-factor"
+ONE_COPY = (REPLICATION_FLAG, "1")
+"""The node's default is three copies; the tests of sharding, forwarding and the API run one
+(a dead node's keys are unavailable, an owner serves its keys) unless they pass the flag."""
 LOG_WAIT_TIMEOUT = 30.0
 
 
@@ -44,7 +48,7 @@ class NodeProcess:
             self.data_dir,
             engine=self.engine,
             metrics=self.metrics,
-            extra=tuple(self.extra),
+            extra=tuple(self.extra) if REPLICATION_FLAG in self.extra else (*ONE_COPY, *self.extra),
         )
 
     def start(self) -> None:

@@ -54,6 +54,7 @@ def _build(**overrides: Any) -> NodeConfig:
         "node_id": "a",
         "cluster": CLUSTER,
         "engine": "memory",
+        "replication_factor": 1,
         "max_value_bytes": 1024,
         "max_batch_ops": 10,
         "max_batch_bytes": 4096,
@@ -87,7 +88,7 @@ def _build(**overrides: Any) -> NodeConfig:
         ({"replication_factor": 0}, "--replication-factor must be between 1 and"),
         ({"replication_factor": 8}, "--replication-factor must be between 1 and"),
         ({"raft_tick_ms": 5}, "--raft-tick-ms must be between"),
-        ({"replication_factor": 3}, "--replication-factor above 1 needs the lmdb engine"),
+        ({"replication_factor": 3}, "--replication-factor 3 needs the lmdb engine"),
         ({"peer_via": "a=127.0.0.1:9"}, "--peer-via names 'a', which is not a peer"),
         ({"peer_via": "zz=127.0.0.1:9"}, "--peer-via names 'zz', which is not a peer"),
         ({"peer_via": "b=nonsense"}, "is not host:port"),
@@ -128,6 +129,23 @@ def test_the_replication_factor_is_capped_at_the_member_count(tmp_path: Path) ->
     )
     assert not _build().replicated
     assert _build(replication_factor=2, **durable).replicated
+
+
+def test_three_copies_by_default_and_one_node_alone_keeps_one(tmp_path: Path) -> None:
+    cluster = config("--id", "a", "--cluster", CLUSTER, "--data-dir", str(tmp_path))
+    assert cluster.cluster_map.replication_factor == 3
+    assert cluster.replicated
+    solo = config("--id", "solo", "--listen", "127.0.0.1:7009", "--engine", "memory")
+    assert solo.cluster_map.replication_factor == 1
+
+
+def test_the_memory_engine_in_a_cluster_says_to_ask_for_one_copy() -> None:
+    with pytest.raises(ConfigError, match="give --replication-factor 1"):
+        config("--id", "a", "--cluster", CLUSTER, "--engine", "memory")
+    one_copy = config(
+        "--id", "a", "--cluster", CLUSTER, "--engine", "memory", "--replication-factor", "1"
+    )
+    assert not one_copy.replicated
 
 
 def test_peer_via_names_where_to_dial_a_peer() -> None:

@@ -57,6 +57,8 @@ MAX_LMDB_MAP_SIZE = 1 << 46
 MAX_VNODES = 4096
 """Ring points per node; the ring is built at start, so this bounds start-up time."""
 
+DEFAULT_REPLICATION_FACTOR = 3
+"""Three copies: any one node may die and every partition keeps a quorum."""
 MAX_REPLICATION_FACTOR = 7
 """More copies than this is a typo: every write waits for a majority of them."""
 
@@ -215,9 +217,10 @@ class NodeConfig:
         parse=int,
     )
     replication_factor: int = flag(
-        1,
+        DEFAULT_REPLICATION_FACTOR,
         "copies of each partition, each copy set a Raft group; capped at the member count; "
-        "1 keeps one copy and no Raft; must be the same on every node",
+        "1 keeps one copy and no Raft (and allows the memory engine); must be the same on "
+        "every node",
         parse=int,
     )
     raft_tick_ms: int = flag(
@@ -273,7 +276,10 @@ class NodeConfig:
                 raise ConfigError(f"--peer-via names {member.node_id!r}, which is not a peer")
             peer_dial[member.node_id] = member.address
         if cluster_map.replication_factor > 1 and self.engine != "lmdb":
-            raise ConfigError("--replication-factor above 1 needs the lmdb engine")
+            raise ConfigError(
+                f"--replication-factor {cluster_map.replication_factor} needs the lmdb engine "
+                "(the memory engine keeps one copy: give --replication-factor 1)"
+            )
         object.__setattr__(self, "peer_dial", peer_dial)
         object.__setattr__(self, "listen", listen)
         object.__setattr__(self, "advertise", advertise)

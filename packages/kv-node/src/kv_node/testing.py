@@ -35,6 +35,7 @@ HUNG_OWNER_THREADS = 64
 
 TEST_SETTINGS: dict[str, Any] = {
     "engine": "memory",
+    "replication_factor": 1,
     "max_value_bytes": 1024,
     "max_batch_ops": 50,
     "max_batch_bytes": 16 * 1024,
@@ -44,7 +45,8 @@ TEST_SETTINGS: dict[str, Any] = {
     "drain_seconds": 0.5,
 }
 """Where test nodes differ from ``NodeConfig``'s defaults: small limits that tests can reach,
-few partitions, the memory engine. Any ``NodeConfig`` field can be overridden by name."""
+few partitions, the memory engine (so one copy: replication has its own tests). Any
+``NodeConfig`` field can be overridden by name."""
 
 
 class InProcessCluster:

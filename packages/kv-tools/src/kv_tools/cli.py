@@ -71,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=0, help="node count (default 3 for a new --data)")
     up.add_argument("--data", type=Path, required=True, help="directory for the cluster's data")
     up.add_argument("--engine", choices=("lmdb", "memory"), default="lmdb")
+    up.add_argument(
+        "--replication-factor",
+        type=int,
+        default=0,
+        help="copies of each partition, capped at --nodes (default 3 for a new --data; "
+        "1 for the memory engine)",
+    )
     for action, text in (
         ("stop", "SIGTERM one node of a running kv cluster up (it drains, then exits)"),
         ("kill", "kill -9 one node of a running kv cluster up"),
@@ -257,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "cluster" and args.cluster_command == "up":
-            return run_local_cluster(args.data, args.nodes, args.engine)
+            return run_local_cluster(args.data, args.nodes, args.engine, args.replication_factor)
         if args.command == "cluster" and args.cluster_command in cluster_control.ACTIONS:
             print(cluster_control.ACTIONS[args.cluster_command](args.data, args.node_id))
             return 0

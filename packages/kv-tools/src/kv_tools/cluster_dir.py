@@ -48,6 +48,9 @@ class LocalNode:
 class Layout:
     engine: str
     nodes: list[LocalNode]
+    replication_factor: int = 1
+    """Every node's ``--replication-factor``. Recorded, because a cluster must come back with
+    the one it was created with; a layout written before the field existed ran with 1."""
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -124,12 +127,20 @@ def read_layout(data: Path) -> Layout | None:
     if not path.exists():
         return None
     recorded = json.loads(path.read_text())
-    return Layout(str(recorded["engine"]), [LocalNode(**n) for n in recorded["nodes"]])
+    return Layout(
+        str(recorded["engine"]),
+        [LocalNode(**n) for n in recorded["nodes"]],
+        int(recorded.get("replication_factor", 1)),
+    )
 
 
 def write_layout(data: Path, layout: Layout) -> None:
     data.mkdir(parents=True, exist_ok=True)
-    record = {"engine": layout.engine, "nodes": [asdict(n) for n in layout.nodes]}
+    record = {
+        "engine": layout.engine,
+        "replication_factor": layout.replication_factor,
+        "nodes": [asdict(n) for n in layout.nodes],
+    }
     _write_atomically(data / LAYOUT_FILE, record)
 
 

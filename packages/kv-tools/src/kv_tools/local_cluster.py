@@ -41,12 +41,16 @@ from kv_tools.cluster_dir import (
 )
 
 DEFAULT_NODES = 3
+DEFAULT_REPLICATION_FACTOR = 3
+"""As the node's own default: three copies (capped at the node count)."""
 LOCK_FILE = "up.lock"
 TICK_SECONDS = 0.2  # how soon a death or a start request is noticed
 
 
-def plan(data: Path, nodes: int, engine: str) -> Layout:
-    """The nodes to run: the ones recorded in ``data`` or a fresh set on free ports."""
+def plan(data: Path, nodes: int, engine: str, replication_factor: int = 0) -> Layout:
+    """The nodes to run: the ones recorded in ``data`` or a fresh set on free ports.
+
+    ``nodes`` and ``replication_factor`` of 0 mean "as recorded, or the default"."""
     recorded = read_layout(data)
     if recorded is not None:
         if nodes and nodes != len(recorded.nodes):
@@ -54,10 +58,26 @@ def plan(data: Path, nodes: int, engine: str) -> Layout:
                 f"{data} holds a {len(recorded.nodes)}-node cluster; run with --nodes "
                 f"{len(recorded.nodes)} or use another --data directory"
             )
+        if replication_factor and replication_factor != recorded.replication_factor:
+            raise LocalClusterError(
+                f"{data} holds a cluster with replication factor {recorded.replication_factor}; "
+                f"run with --replication-factor {recorded.replication_factor} or use another "
+                "--data directory"
+            )
         return recorded
     nodes = nodes or DEFAULT_NODES
     if nodes < 1:
         raise LocalClusterError("--nodes must be at least 1")
+    if replication_factor < 0:
+        raise LocalClusterError("--replication-factor must be at least 1")
+    # The memory engine holds one copy, so it defaults to one (the banner says so).
+    default = DEFAULT_REPLICATION_FACTOR if engine == "lmdb" else 1
+    copies = min(replication_factor or default, nodes)
+    if copies > 1 and engine != "lmdb":
+        raise LocalClusterError(
+            f"{copies} copies of each partition need the lmdb engine (the memory engine "
+            "keeps one copy)"
+        )
     layout = Layout(
         engine,
         [
@@ -68,6 +88,7 @@ def plan(data: Path, nodes: int, engine: str) -> Layout:
             )
             for i in range(1, nodes + 1)
         ],
+        copies,
     )
     write_layout(data, layout)
     return layout
@@ -102,6 +123,7 @@ class Supervisor:
             node_data_dir(self.data, node.node_id),
             engine=self.layout.engine,
             metrics=node.metrics,
+            extra=("--replication-factor", str(self.layout.replication_factor)),
         )
 
     def start(self, node_id: str) -> None:
@@ -183,14 +205,14 @@ def _only_supervisor(data: Path) -> Iterator[None]:
         yield
 
 
-def run(data: Path, nodes: int, engine: str) -> int:
+def run(data: Path, nodes: int, engine: str, replication_factor: int = 0) -> int:
     """Run the cluster until Ctrl-C or SIGTERM; returns the exit code."""
     with _only_supervisor(data):
-        return _supervise(data, nodes, engine)
+        return _supervise(data, nodes, engine, replication_factor)
 
 
-def _supervise(data: Path, nodes: int, engine: str) -> int:
-    layout = plan(data, nodes, engine)
+def _supervise(data: Path, nodes: int, engine: str, replication_factor: int) -> int:
+    layout = plan(data, nodes, engine, replication_factor)
     take_start_requests(data)  # requests left by an earlier run are moot: every node starts
     stopping = False
 
@@ -232,7 +254,10 @@ def _supervise(data: Path, nodes: int, engine: str) -> int:
 
 
 def _banner(data: Path, layout: Layout) -> None:
-    print(f"kv cluster of {len(layout.nodes)} nodes ({layout.engine} engine) in {data}:")
+    print(
+        f"kv cluster of {len(layout.nodes)} nodes ({layout.engine} engine, replication factor "
+        f"{layout.replication_factor}) in {data}:"
+    )
     for node in layout.nodes:
         print(f"  {node.node_id}  {node.address}  metrics http://{node.metrics}/metrics")
     addresses = ",".join(node.address for node in layout.nodes)
