@@ -21,7 +21,9 @@ import pytest
 
 from harness import Cluster, NodeProcess, run_node_command
 from kv_client import Client
-from kv_node.data_dir import IDENTITY_FILE, open_store
+from kv_common.cluster_map import ClusterMap, Member
+from kv_common.placement import DEFAULT_VNODES
+from kv_node.data_dir import IDENTITY_FILE, describe_placement, open_replica_store, open_store
 from kv_node.store import PutOp
 from kv_tools.launcher import free_port
 
@@ -318,3 +320,27 @@ def test_a_failed_start_empties_the_fresh_data_dir_it_was_given(tmp_path: Path) 
     with occupied_port() as address:
         assert "cannot listen on" in refuse(data_dir, listen=address)
     assert list(data_dir.iterdir()) == []
+
+
+def test_a_replica_directory_started_with_another_partition_count_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The default partition count changed once (4096 to 1024): a replicated node started on
+    its old directory with the new default would serve other partitions' groups; it refuses."""
+    members = tuple(Member(f"n{i}", f"127.0.0.1:{free_port()}") for i in (1, 2, 3))
+    created = ClusterMap.build(
+        epoch=1, members=members, partitions=16, replication_factor=3, vnodes=DEFAULT_VNODES
+    )
+    data_dir = tmp_path / "n1"
+    open_replica_store(
+        data_dir, "n1", map_size=1 << 24, placement=describe_placement(created)
+    ).close()
+    before = snapshot(data_dir)
+    refused = run_node_command(
+        "--id", "n1", "--cluster", ",".join(f"{m.node_id}={m.address}" for m in members),
+        "--data-dir", str(data_dir), "--partitions", "32",
+    )  # fmt: skip
+    assert refused.returncode == 2, refused
+    assert "holds replicas for members n1,n2,n3; 16 partitions" in refused.stderr, refused
+    assert "is started with members n1,n2,n3; 32 partitions" in refused.stderr, refused
+    assert snapshot(data_dir) == before

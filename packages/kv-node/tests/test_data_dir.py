@@ -11,11 +11,13 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from kv_common.cluster_map import ClusterMap, Member
 from kv_node.data_dir import (
     IDENTITY_FILE,
     IDENTITY_FORMAT,
     REPLICA_DIR,
     Identity,
+    describe_placement,
     discard_if_not_started,
     open_replica_store,
     open_store,
@@ -120,42 +122,85 @@ def test_a_failed_open_leaves_a_fresh_directory_absent(tmp_path: Path) -> None:
 
 
 REPLICA_MAP = 1 << 24
+PLACEMENT = "members n1,n2,n3; 1024 partitions; 512 vnodes; replication factor 3"
 
 
 def test_a_replica_store_is_recorded_and_reopened(tmp_path: Path) -> None:
-    store = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+    store = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
     store_id = store.store_id
     store.close()
-    assert read_identity(tmp_path) == Identity("n1", 2, replica_store_id=store_id)
-    again = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+    assert read_identity(tmp_path) == Identity(
+        "n1", 2, replica_store_id=store_id, placement=PLACEMENT
+    )
+    again = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
     assert again.store_id == store_id
     again.close()
 
 
 def test_a_lost_replica_store_is_refused_never_started_empty(tmp_path: Path) -> None:
-    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP).close()
+    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
     (tmp_path / REPLICA_DIR / DATA_FILE).unlink()
     with pytest.raises(StoreError, match="could elect two leaders"):
-        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
     assert not (tmp_path / REPLICA_DIR / DATA_FILE).exists()
 
 
 def test_a_replaced_replica_store_is_refused(tmp_path: Path) -> None:
-    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP).close()
+    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
     other = tmp_path / "other"
-    open_replica_store(other, "n1", map_size=REPLICA_MAP).close()
+    open_replica_store(other, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
     (tmp_path / REPLICA_DIR / DATA_FILE).write_bytes((other / REPLICA_DIR / DATA_FILE).read_bytes())
     with pytest.raises(StoreError, match=r"is not the one kv-node\.json records"):
-        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP)
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
 
 
 def test_one_copy_and_replicas_never_share_a_directory(tmp_path: Path) -> None:
     single, replicated = tmp_path / "single", tmp_path / "replicated"
     open_store("lmdb", single, "n1", map_size=REPLICA_MAP).close()
     with pytest.raises(StoreError, match="holds a single-copy store"):
-        open_replica_store(single, "n1", map_size=REPLICA_MAP)
-    open_replica_store(replicated, "n1", map_size=REPLICA_MAP).close()
+        open_replica_store(single, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+    open_replica_store(replicated, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
     with pytest.raises(StoreError, match="holds a replica store"):
         open_store("lmdb", replicated, "n1", map_size=REPLICA_MAP)
     with pytest.raises(StoreError, match="belongs to node 'n1', not 'n2'"):
-        open_replica_store(replicated, "n2", map_size=REPLICA_MAP)
+        open_replica_store(replicated, "n2", map_size=REPLICA_MAP, placement=PLACEMENT)
+
+
+def test_a_replica_store_is_refused_under_another_placement(tmp_path: Path) -> None:
+    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    before = (tmp_path / IDENTITY_FILE).read_bytes()
+    other = PLACEMENT.replace("1024 partitions", "4096 partitions")
+    with pytest.raises(StoreError, match="holds replicas for members n1,n2,n3; 1024 partitions"):
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=other)
+    assert (tmp_path / IDENTITY_FILE).read_bytes() == before
+
+
+def test_a_replica_store_from_before_placement_was_recorded_records_it(tmp_path: Path) -> None:
+    store = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+    store_id = store.store_id
+    store.close()
+    document = json.loads((tmp_path / IDENTITY_FILE).read_text())
+    del document["placement"]
+    (tmp_path / IDENTITY_FILE).write_text(json.dumps(document))
+    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    assert read_identity(tmp_path) == Identity(
+        "n1", 2, replica_store_id=store_id, placement=PLACEMENT
+    )
+
+
+def test_describe_placement_names_what_moves_partitions() -> None:
+    members = tuple(Member(n, f"127.0.0.1:{7000 + i}") for i, n in enumerate(["n2", "n1", "n3"]))
+    built = ClusterMap.build(
+        epoch=1, members=members, partitions=64, replication_factor=3, vnodes=8
+    )
+    assert describe_placement(built) == (
+        "members n1,n2,n3; 64 partitions; 8 vnodes; replication factor 3"
+    )
+    moved = ClusterMap.build(
+        epoch=2,
+        members=tuple(Member(m.node_id, "10.0.0.1:" + str(i)) for i, m in enumerate(members, 1)),
+        partitions=64,
+        replication_factor=3,
+        vnodes=8,
+    )
+    assert describe_placement(moved) == describe_placement(built)

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from kv_common.cluster_map import ClusterMap
 from kv_node.replication.storage import ReplicaStore
 from kv_node.store import Store, StoreError
 from kv_node.store.lmdb_file import DATA_FILE
@@ -34,7 +35,9 @@ REPLICA_DIR = "replicas"
 """Where a replicated node (``--replication-factor`` above 1) keeps its replica store."""
 IDENTITY_FORMAT = 2
 """1: node id only. 2: adds ``lmdb_store_id`` once an LMDB store exists, or
-``replica_store_id`` once a replica store exists (never both)."""
+``replica_store_id`` once a replica store exists (never both); a replica store's identity
+also records its ``placement`` (``describe_placement``), absent only from the first
+replicated nodes' directories."""
 _KNOWN_FORMATS = (1, 2)
 _STORE_ID_HEX_DIGITS = 32
 ENGINES = ("lmdb", "memory")
@@ -46,6 +49,18 @@ class Identity(NamedTuple):
     format: int
     lmdb_store_id: str | None = None
     replica_store_id: str | None = None
+    placement: str | None = None
+
+
+def describe_placement(cluster_map: ClusterMap) -> str:
+    """What decides which partitions' groups a replica store holds: the member ids, the
+    partition count, the ring points per node and the replication factor (not the addresses,
+    which a node may change without moving a partition)."""
+    members = ",".join(sorted(m.node_id for m in cluster_map.members))
+    return (
+        f"members {members}; {cluster_map.partitions} partitions; {cluster_map.vnodes} vnodes; "
+        f"replication factor {cluster_map.replication_factor}"
+    )
 
 
 def read_identity(data_dir: Path) -> Identity | None:
@@ -72,6 +87,7 @@ def read_identity(data_dir: Path) -> Identity | None:
         format=document["format"],
         lmdb_store_id=document.get("lmdb_store_id"),
         replica_store_id=document.get("replica_store_id"),
+        placement=document.get("placement"),
     )
 
 
@@ -98,6 +114,11 @@ def _shape_problem(document: object) -> str | None:
             return f"{name} is not a store id"
     if document.get("lmdb_store_id") is not None and document.get("replica_store_id") is not None:
         return "it records both a single-copy and a replica store"
+    placement = document.get("placement")
+    if placement is not None and (
+        not isinstance(placement, str) or document.get("replica_store_id") is None
+    ):
+        return "placement is not a description of a replica store's placement"
     return None
 
 
@@ -107,6 +128,8 @@ def _write_identity(data_dir: Path, identity: Identity) -> None:
         document["lmdb_store_id"] = identity.lmdb_store_id
     if identity.replica_store_id is not None:
         document["replica_store_id"] = identity.replica_store_id
+    if identity.placement is not None:
+        document["placement"] = identity.placement
     try:
         tmp = data_dir / (IDENTITY_FILE + ".tmp")
         with tmp.open("w") as f:
@@ -232,14 +255,25 @@ def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
     return store
 
 
-def open_replica_store(data_dir: Path, node_id: str, *, map_size: int) -> ReplicaStore:
+def open_replica_store(
+    data_dir: Path, node_id: str, *, map_size: int, placement: str
+) -> ReplicaStore:
     """The replica store of a replicated node, with the same checks as the single-copy one.
 
     A replica that lost its store and came back empty under its old name could vote a second
     time in a term it already voted in, and elect two leaders: so a directory whose identity
     records a replica store that is now missing or replaced is refused, never started empty.
+    And the store's groups are partitions of one placement (``describe_placement``): started
+    with another (say a new default ``--partitions``), its groups would be other partitions'
+    with other replicas, so that is refused too, before anything is opened.
     """
     identity = _identity_for(data_dir, node_id, replicated=True)
+    if identity is not None and identity.placement not in (None, placement):
+        raise StoreError(
+            f"data directory {data_dir} holds replicas for {identity.placement}; this node "
+            f"is started with {placement}. Start it with the settings it was created with "
+            "(there is no re-partitioning yet)"
+        )
     replica_dir = data_dir / REPLICA_DIR
     recorded = identity.replica_store_id if identity is not None else None
     if recorded is not None and not (replica_dir / DATA_FILE).exists():
@@ -262,10 +296,12 @@ def open_replica_store(data_dir: Path, node_id: str, *, map_size: int) -> Replic
                 f"the replica store in {replica_dir} is not the one {IDENTITY_FILE} records "
                 f"({store.store_id} instead of {recorded})"
             )
-        if recorded is None:
+        if recorded is None or identity is None or identity.placement is None:
             _write_identity(
                 data_dir,
-                Identity(node_id, IDENTITY_FORMAT, replica_store_id=store.store_id),
+                Identity(
+                    node_id, IDENTITY_FORMAT, replica_store_id=store.store_id, placement=placement
+                ),
             )
     except BaseException:
         store.close()

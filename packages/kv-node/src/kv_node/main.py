@@ -9,7 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from kv_node.config import ConfigError, NodeConfig, config_flags
-from kv_node.data_dir import discard_if_not_started, open_replica_store, open_store
+from kv_node.data_dir import (
+    describe_placement,
+    discard_if_not_started,
+    open_replica_store,
+    open_store,
+)
 from kv_node.replication.replica import Replication, ReplicationConfig
 from kv_node.server import ReplicationFailed, check_bindable, serve
 from kv_node.store import StoreError
@@ -54,7 +59,12 @@ def replication_opener(config: NodeConfig) -> Callable[[], Replication]:
     assert data_dir is not None, "NodeConfig requires --data-dir for the lmdb engine"
 
     def open_replication() -> Replication:
-        store = open_replica_store(data_dir, config.node_id, map_size=config.lmdb_map_size)
+        store = open_replica_store(
+            data_dir,
+            config.node_id,
+            map_size=config.lmdb_map_size,
+            placement=describe_placement(config.cluster_map),
+        )
         try:
             return Replication(
                 config.node_id,
