@@ -7,7 +7,7 @@ import itertools
 import grpc
 
 from kv.v1 import kv_pb2
-from kv_client import _calls
+from kv_client import _calls, batch
 from kv_client.call_run import CallRun, Send, Wait
 from kv_client.errors import NotLeaderError, UnavailableError
 from kv_client.leaders import Leaders
@@ -132,3 +132,48 @@ def test_a_dead_leader_named_by_a_replica_is_not_tried_again_by_the_call() -> No
     assert isinstance(run.failed(not_leader(successor), never_sent=False, now=0.5), Wait)
     sent = run.resume(0.5)
     assert isinstance(sent, Send) and sent.node_id == successor
+
+
+def test_the_maps_leader_hints_stand_in_until_a_leader_is_learned() -> None:
+    partition = MAP.placement.partition_of(KEY)
+    hints = [""] * MAP.partitions
+    hints[partition] = REPLICAS[2]
+    hinted = ClusterMap.build(
+        epoch=MAP.epoch,
+        members=MEMBERS,
+        partitions=16,
+        replication_factor=3,
+        vnodes=8,
+        leaders=tuple(hints),
+    )
+    leaders = Leaders()
+    assert leaders.target(hinted, KEY) == REPLICAS[2]
+    assert leaders.learned(hinted, KEY, REPLICAS[1])
+    assert leaders.target(hinted, KEY) == REPLICAS[1]  # what a node said last wins
+    hints[partition] = "not-a-replica"
+    odd = ClusterMap.build(
+        epoch=9,
+        members=MEMBERS,
+        partitions=16,
+        replication_factor=3,
+        vnodes=8,
+        leaders=tuple(hints),
+    )
+    assert Leaders().target(odd, KEY) == REPLICAS[0]
+
+
+def test_a_batch_goes_to_each_partitions_leader() -> None:
+    leaders = Leaders()
+    keys = [b"key-%d" % i for i in range(40)]
+    encoded = [batch.to_proto(batch.Put(k, b"v")) for k in keys]
+    learned = set()
+    for key in keys[:5]:
+        assert leaders.learned(MAP, key, MAP.placement.replicas_for_key(key)[1])
+        learned.add(MAP.placement.partition_of(key))
+    chunks = batch.plan(MAP, encoded, range(len(keys)), max_ops=100, leaders=leaders)
+    sent_to = {keys[i]: chunk.node_id for chunk in chunks for i in chunk.indexes}
+    assert len(learned) < MAP.partitions and len(sent_to) == len(keys)
+    for key in keys:
+        replicas = MAP.placement.replicas_for_key(key)
+        learned_here = MAP.placement.partition_of(key) in learned
+        assert sent_to[key] == (replicas[1] if learned_here else replicas[0]), key

@@ -191,7 +191,11 @@ class AsyncClient:
         """
         budget = self._timeout if timeout is None else timeout
         run = batch.BatchRun(
-            operations, max_ops=self._max_batch_ops, budget=budget, now=time.monotonic()
+            operations,
+            max_ops=self._max_batch_ops,
+            budget=budget,
+            now=time.monotonic(),
+            leaders=self._leaders,
         )
         cluster_map: ClusterMap | None = None
         while True:
@@ -301,7 +305,7 @@ class AsyncClient:
             stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(step.address))
             try:
                 response = await stub.GetClusterMap(
-                    cluster_pb2.GetClusterMapRequest(), timeout=step.timeout
+                    cluster_pb2.GetClusterMapRequest(include_partitions=True), timeout=step.timeout
                 )
                 return ClusterMap.from_proto(response.cluster_map)
             except grpc.RpcError as exc:

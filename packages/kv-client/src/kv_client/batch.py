@@ -1,7 +1,8 @@
 """Many operations in few calls: the SDK side of ``KVService/Batch``.
 
-Operations are grouped by owning node with the client's map, cut into
-chunks of at most ``max_ops``, and each chunk goes to its owner as one call;
+Operations are grouped by owning node with the client's map (with replicas,
+by the leader of each operation's partition as far as the client knows), cut
+into chunks of at most ``max_ops``, and each chunk goes to that node as one call;
 the chunks run in parallel. Every operation gets its own result: a value,
 a ``WriteResult``, or the ``KvError`` it failed with (never raised here).
 Operations that a node refused because the client's map was stale are sent
@@ -19,6 +20,7 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client._calls import Key, Value, encode, encode_key
 from kv_client.errors import KvError, error_from_status, status_from_number
+from kv_client.leaders import Leaders
 from kv_client.types import Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap
 from kv_common.wire import ErrorInfo
@@ -112,13 +114,17 @@ def plan(
     encoded: Sequence[tuple[bytes, kv_pb2.Operation]],
     indexes: Sequence[int],
     max_ops: int,
+    leaders: Leaders | None = None,
 ) -> list[Chunk]:
-    """Group operations by owner and cut each group at the node's op and byte limits."""
+    """Group operations by the node that serves each (its owner, or with replicas the leader
+    of its partition as far as ``leaders`` knows) and cut each group at the node's op and
+    byte limits. A node that turns out not to lead an operation's partition forwards it."""
     max_ops = min(max_ops, cluster_map.limits.max_batch_ops)
     max_bytes = cluster_map.limits.max_batch_bytes
+    leaders = leaders if leaders is not None else Leaders()
     by_owner: defaultdict[str, list[int]] = defaultdict(list)
     for index in indexes:
-        by_owner[cluster_map.placement.owner_of_key(encoded[index][0])].append(index)
+        by_owner[leaders.target(cluster_map, encoded[index][0])].append(index)
     chunks = []
     for node_id, owned in by_owner.items():
         address = cluster_map.address_of(node_id)
@@ -163,9 +169,16 @@ class BatchRun:
     ROUNDS = 2
 
     def __init__(
-        self, operations: Sequence[Operation], *, max_ops: int, budget: float, now: float
+        self,
+        operations: Sequence[Operation],
+        *,
+        max_ops: int,
+        budget: float,
+        now: float,
+        leaders: Leaders | None = None,
     ) -> None:
         self.encoded = [to_proto(op) for op in operations]
+        self._leaders = leaders
         self.results: list[Result] = [None] * len(self.encoded)
         self.pending = list(range(len(self.encoded)))
         self.deadline = now + budget
@@ -177,7 +190,7 @@ class BatchRun:
         return max(MIN_CALL_TIMEOUT, self.deadline - now)
 
     def chunks(self, cluster_map: ClusterMap) -> list[Chunk]:
-        return plan(cluster_map, self.encoded, self.pending, self._max_ops)
+        return plan(cluster_map, self.encoded, self.pending, self._max_ops, self._leaders)
 
     def record(self, chunk: Chunk, response: kv_pb2.BatchResponse | KvError) -> None:
         record(self.results, chunk, response)

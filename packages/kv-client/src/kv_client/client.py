@@ -201,7 +201,11 @@ class Client:
         """
         budget = self._timeout if timeout is None else timeout
         run = batch.BatchRun(
-            operations, max_ops=self._max_batch_ops, budget=budget, now=time.monotonic()
+            operations,
+            max_ops=self._max_batch_ops,
+            budget=budget,
+            now=time.monotonic(),
+            leaders=self._leaders,
         )
         cluster_map: ClusterMap | None = None
         while True:
@@ -304,7 +308,7 @@ class Client:
             stub = cluster_pb2_grpc.ClusterServiceStub(self._channel(step.address))
             try:
                 response = stub.GetClusterMap(
-                    cluster_pb2.GetClusterMapRequest(), timeout=step.timeout
+                    cluster_pb2.GetClusterMapRequest(include_partitions=True), timeout=step.timeout
                 )
                 return ClusterMap.from_proto(response.cluster_map)
             except grpc.RpcError as exc:

@@ -4,7 +4,8 @@ With replication, only a partition's leader serves it. The cluster map says whic
 partition, not which of them leads; the client learns that from the nodes themselves: a node
 that does not lead a partition refuses an SDK request with ``NOT_LEADER`` and the leader it
 knows of, and the next attempt goes straight there (Redis's MOVED, TiKV's region cache). Until
-it knows, a call goes to the key's first replica.
+it learns one that way, a call goes to the leader named in the cluster map the client fetched
+(each partition's leader as the answering node knew it), else to the key's first replica.
 
 One table per client, shared by all its calls; entries belong to one map epoch and are dropped
 with it. No I/O, no clock: the drivers call ``learned`` and ``unreachable`` with what happened.
@@ -27,13 +28,17 @@ class Leaders:
         return self._by_partition
 
     def target(self, cluster_map: ClusterMap, key: bytes) -> str:
-        """The node to send an operation on ``key`` to: its partition's known leader, else
-        the key's owner (first replica)."""
+        """The node to send an operation on ``key`` to: its partition's leader as learned,
+        else as the map names it, else the key's owner (first replica)."""
         if cluster_map.replication_factor < 2:
             return cluster_map.placement.owner_of_key(key)
         partition = cluster_map.placement.partition_of(key)
         leader = self._table(cluster_map).get(partition)
-        return leader if leader is not None else cluster_map.placement.replicas(partition)[0]
+        if leader is not None:
+            return leader
+        replicas = cluster_map.placement.replicas(partition)
+        hinted = cluster_map.leaders[partition] if cluster_map.leaders else ""
+        return hinted if hinted in replicas else replicas[0]
 
     def learned(self, cluster_map: ClusterMap, key: bytes, leader: str) -> bool:
         """A node named ``leader`` as the leader of ``key``'s partition; False (and nothing
