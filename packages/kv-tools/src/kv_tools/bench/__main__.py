@@ -126,7 +126,7 @@ async def _main(args: argparse.Namespace) -> int:
         result = await run_suite(
             servers,
             plan,
-            ratios(args.concurrency),
+            ratios(args.concurrency, args.suite),
             rounds=rounds,
             duration=duration,
             warmup=warmup,
