@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from kv_tools.bench import etcd_wire, servers
-from kv_tools.bench.drivers import EtcdDriver
+from kv_tools.bench.drivers import Driver, EtcdDriver
 from kv_tools.bench.suite import (
     ETCD_MEMBERS,
     TARGETS,
@@ -262,3 +263,96 @@ def test_the_driver_spreads_calls_over_a_real_3_member_etcd(
     assert from_txn == b"v99"
     assert len(members_seen) == ETCD_MEMBERS  # round-robin: every member answered
     assert 0 not in members_seen
+
+
+# --- memory per key and idle CPU of the two clusters ---------------------------------------
+
+
+class _Refusing(Driver):
+    """Refuses every batch whose first key is in ``always``, and the first try of those in
+    ``once`` (as a leader change would), recording every batch it is sent."""
+
+    def __init__(self, once: set[bytes], always: set[bytes]) -> None:
+        self.once, self.always = once, always
+        self.sent: list[bytes] = []
+
+    async def batch(self, ops: Sequence[Op]) -> int:
+        first = ops[0].key
+        self.sent.append(first)
+        if first in self.always:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
+            )
+        if first in self.once:
+            self.once.discard(first)
+            return len(ops) // 2
+        return 0
+
+
+def test_the_fill_resends_refused_batches_and_counts_what_stays_refused() -> None:
+    from kv_tools.bench import memory
+
+    driver = _Refusing(once={b"k000000000000100"}, always={b"k000000000000300"})
+    resent, lost = asyncio.run(memory._fill(driver, 500, 10))
+    assert lost == memory.CLUSTER_FILL_BATCH
+    assert resent == 1 + memory.CLUSTER_FILL_ATTEMPTS - 1
+    assert driver.sent.count(b"k000000000000000") == 1
+    assert driver.sent.count(b"k000000000000100") == 2
+    assert driver.sent.count(b"k000000000000300") == memory.CLUSTER_FILL_ATTEMPTS
+    assert len(driver.sent) == 5 + 1 + memory.CLUSTER_FILL_ATTEMPTS - 1
+
+
+def test_cluster_memory_and_etcd_idle_rows() -> None:
+    from kv_tools.bench.report import cluster_memory_table, idle_table
+
+    measured = {
+        "target": "kv3-rf3",
+        "members": 3,
+        "keys": 20_000,
+        "keys_lost": 0,
+        "batches_resent": 2,
+        "fill_keys_per_sec": 812.0,
+        "rss_bytes_per_key": 1500.4,
+        "rss_bytes_per_key_per_member": 500.1,
+        "disk_bytes_per_key": 2400.0,
+        "disk_apparent_bytes_per_key": 2100.0,
+        "disk_bytes_per_key_per_member": 800.0,
+    }
+    table = cluster_memory_table([measured, {"target": "etcd3", "error": "etcd not found"}])
+    rows = table.splitlines()
+    assert (
+        rows[2] == "| kv3-rf3 (3 members) | 20,000 | 1500 | 500 | 2400 / 2100 | 800 | 812 | 2 | 0 |"
+    )
+    assert rows[3].startswith("| etcd3 | - | error: etcd not found |")
+    etcd = {
+        "cluster": "etcd 3 members",
+        "nodes": 3,
+        "replication_factor": 3,
+        "partitions": "-",
+        "start_to_serving_s": 1.5,
+        "start_to_writable_s": 1.5,
+        "loadavg_at_start": 2.0,
+        "idle_cpu_percent": {"etcd1": 0.8, "etcd2": 0.5, "etcd3": 0.6},
+    }
+    row = idle_table([etcd]).splitlines()[2]
+    assert row.startswith(
+        "| etcd 3 members | - | 1.50 | 1.5 | 2.0 | etcd1 0.8, etcd2 0.5, etcd3 0.6 |"
+    )
+
+
+def test_memory_per_key_and_idle_of_a_real_3_member_etcd() -> None:
+    """Real processes: the figures come from every member, and every member is stopped."""
+    from kv_tools.bench import idle, memory
+
+    if servers.etcd_binary() is None:
+        pytest.skip("etcd is not installed (the kv-tools[bench] extra ships it)")
+    with servers.Servers() as running:
+        measured = asyncio.run(memory.measure_cluster(running, "etcd3", 300))
+        quiet = asyncio.run(idle.measure_etcd_idle(running, 0.2))
+        assert running.processes == []
+    assert measured["members"] == 3
+    assert measured["keys_lost"] == 0
+    assert sorted(measured["after"]) == ["etcd1", "etcd2", "etcd3"]
+    assert all(m["rss"] > 0 for m in measured["after"].values())
+    assert sorted(quiet["idle_cpu_percent"]) == ["etcd1", "etcd2", "etcd3"]
+    assert all(v >= 0 for v in quiet["idle_cpu_percent"].values())

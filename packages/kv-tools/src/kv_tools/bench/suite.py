@@ -150,12 +150,12 @@ def replication_ratios(levels: Sequence[int]) -> list[Ratio]:
             Config("etcd3", "etcd", concurrency=c),
         ),
         (
-            "batch-100 puts / etcd Txn of 100 puts",
+            "batch-100 puts vs Txn of 100 puts",
             Config("kv3-rf3", "sdk", batch=100, concurrency=b),
             Config("etcd3", "etcd", batch=100, concurrency=b),
         ),
         (
-            "linearizable gets / etcd linearizable Range",
+            "linearizable gets vs linearizable Range",
             Config("kv3-rf3", "sdk", "C", concurrency=c),
             Config("etcd3", "etcd", "C", concurrency=c),
         ),
@@ -382,6 +382,7 @@ class SuiteResult:
     unavailable: dict[str, str]
     settings: dict[str, Any]
     memory: list[dict[str, Any]] = field(default_factory=list)
+    cluster_memory: list[dict[str, Any]] = field(default_factory=list)
     idle: list[dict[str, Any]] = field(default_factory=list)
 
 
