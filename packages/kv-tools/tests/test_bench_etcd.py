@@ -356,3 +356,37 @@ def test_memory_per_key_and_idle_of_a_real_3_member_etcd() -> None:
     assert all(m["rss"] > 0 for m in measured["after"].values())
     assert sorted(quiet["idle_cpu_percent"]) == ["etcd1", "etcd2", "etcd3"]
     assert all(v >= 0 for v in quiet["idle_cpu_percent"].values())
+
+
+# --- kv bench --suite ---------------------------------------------------------------------
+
+
+def test_kv_bench_suite_runs_the_suite_with_the_options_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    from kv_tools.bench import __main__ as suites
+    from kv_tools.bench import cli
+
+    assert set(cli.SUITE_NAMES) == set(suites.SUITES)
+    calls: list[list[str]] = []
+
+    def fake_main(argv: Sequence[str] | None = None) -> int:
+        calls.append(list(argv or []))
+        return 7
+
+    monkeypatch.setattr(suites, "main", fake_main)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    given = parser.parse_args(
+        ["--suite", "replication", "--out", "/tmp/x", "--duration", "5", "--concurrency", "16"]
+    )
+    assert cli.run_from_args(given) == 7
+    defaults = parser.parse_args(["--suite", "replication"])
+    assert cli.run_from_args(defaults) == 7
+    given_argv = ["--suite", "replication", "--out", "/tmp/x", "--seed", "1"]
+    assert calls == [
+        [*given_argv, "--duration", "5.0", "--concurrency", "16"],
+        ["--suite", "replication", "--out", "bench-results", "--seed", "1"],
+    ]
