@@ -25,12 +25,14 @@ from kv_tools.bench.suite import (
     Aggregate,
     Config,
     compute_ratios,
+    configs,
     ratios,
 )
 from kv_tools.bench.workload import GET, PUT, Op
 
 BYTES = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
 BOOL = descriptor_pb2.FieldDescriptorProto.TYPE_BOOL
+STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
 UINT64 = descriptor_pb2.FieldDescriptorProto.TYPE_UINT64
 INT64 = descriptor_pb2.FieldDescriptorProto.TYPE_INT64
 MESSAGE = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
@@ -67,6 +69,12 @@ ETCD_MESSAGES: dict[str, list[tuple[str, int, int, int, str]]] = {
         ("header", 1, MESSAGE, OPTIONAL, "ResponseHeader"),
         ("kvs", 2, MESSAGE, REPEATED, "KeyValue"),
         ("count", 4, INT64, OPTIONAL, ""),
+    ],
+    "StatusResponse": [
+        ("header", 1, MESSAGE, OPTIONAL, "ResponseHeader"),
+        ("version", 2, STRING, OPTIONAL, ""),
+        ("dbSize", 3, INT64, OPTIONAL, ""),
+        ("leader", 4, UINT64, OPTIONAL, ""),
     ],
 }
 
@@ -162,6 +170,12 @@ def test_answers_are_read_from_protobufs_bytes(etcd_pb: dict[str, Any]) -> None:
     missing = pb["RangeResponse"](header=pb["ResponseHeader"](member_id=3)).SerializeToString()
     assert etcd_wire.range_value(missing) is None
     assert etcd_wire.member_id(b"") == 0
+    status = pb["StatusResponse"](
+        header=pb["ResponseHeader"](member_id=11), version="3.5.1", dbSize=20480, leader=2**60 + 3
+    ).SerializeToString()
+    assert etcd_wire.status_leader(status) == 2**60 + 3
+    assert etcd_wire.member_id(status) == 11
+    assert etcd_wire.status_leader(pb["StatusResponse"](version="3.5.1").SerializeToString()) == 0
     with pytest.raises(etcd_wire.WireError):
         etcd_wire.parse_fields(found[:-3] + b"\x2a\x09")  # a field longer than what is left
 
@@ -178,6 +192,8 @@ def test_replication_ratios_compare_rf3_with_the_3_member_etcd() -> None:
     ]
     assert ETCD_MEMBERS == 3
     assert "3 members" in TARGETS["etcd3"].description
+    labels = [c.label for c in configs("replication", [64])]
+    assert "etcd3 etcd-leader put unary c64" in labels  # etcd's best case, beside the ratios
 
 
 def test_a_missing_etcd_says_so_in_every_etcd_row() -> None:
@@ -407,3 +423,31 @@ def test_kv_bench_suite_runs_the_suite_with_the_options_given(
         [*given_argv, "--duration", "5.0", "--concurrency", "16"],
         ["--suite", "replication", "--out", "bench-results", "--seed", "1"],
     ]
+
+
+def test_the_leader_only_driver_sends_everything_to_the_leader(
+    etcd_cluster: list[servers.Process],
+) -> None:
+    async def run() -> tuple[set[int], str]:
+        driver = EtcdDriver([m.address for m in etcd_cluster], leader_only=True)
+        await driver.setup()
+        try:
+            seen = {etcd_wire.member_id(await driver.range(b"k")) for _ in range(30)}
+            return seen, driver.name
+        finally:
+            await driver.close()
+
+    async def leaders() -> set[int]:
+        named = set()
+        for member in etcd_cluster:
+            async with grpc.aio.insecure_channel(member.address) as channel:
+                status: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    "/etcdserverpb.Maintenance/Status"
+                )
+                named.add(etcd_wire.status_leader(await status(b"", timeout=10.0)))
+        return named
+
+    seen, name = asyncio.run(run())
+    assert name.startswith("etcd-leader:")
+    assert seen == asyncio.run(leaders())  # one member answered, the one all name as leader
+    assert len(seen) == 1

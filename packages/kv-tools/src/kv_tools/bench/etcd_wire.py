@@ -10,7 +10,8 @@ them. The field numbers are etcd's ``etcdserverpb`` (rpc.proto, API v3):
 * ``TxnRequest``   compare = 1, success = 2, failure = 3; ``RequestOp`` request_range = 1,
   request_put = 2. With no compares the success branch runs.
 * answers: ``ResponseHeader`` header = 1 {cluster_id = 1, member_id = 2}; ``RangeResponse``
-  kvs = 2 {``KeyValue`` value = 5}.
+  kvs = 2 {``KeyValue`` value = 5}; ``StatusResponse`` (Maintenance/Status, an empty
+  ``StatusRequest``) leader = 4.
 
 Encoding follows proto3's canonical form (empty scalar fields are left out, fields in number
 order), so the bytes equal what protobuf's own encoder writes; the tests compare them.
@@ -35,6 +36,8 @@ HEADER = 1
 HEADER_MEMBER_ID = 2
 RANGE_KVS = 2
 KEYVALUE_VALUE = 5
+STATUS_LEADER = 4
+STATUS_REQUEST = b""
 
 
 class WireError(ValueError):
@@ -147,4 +150,12 @@ def member_id(response: bytes) -> int:
             for inner, value in parse_fields(field):
                 if inner == HEADER_MEMBER_ID and isinstance(value, int):
                     return value
+    return 0
+
+
+def status_leader(response: bytes) -> int:
+    """The member id of the leader a ``StatusResponse`` names, 0 if it names none."""
+    for number, field in parse_fields(response):
+        if number == STATUS_LEADER and isinstance(field, int):
+            return field
     return 0
