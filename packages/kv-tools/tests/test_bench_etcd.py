@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from kv_tools.bench import etcd_wire, servers
-from kv_tools.bench.drivers import Driver, EtcdDriver
+from kv_tools.bench.drivers import CHANNEL_OPTIONS, Driver, EtcdDriver
 from kv_tools.bench.suite import (
     ETCD_MEMBERS,
     TARGETS,
@@ -257,10 +257,19 @@ def test_a_member_that_lost_its_port_is_started_again_on_new_ports(
         assert len(list(running.root.glob("etcd1-*"))) == attempts
 
 
+UNREACHABLE_PROXY = "http://127.0.0.1:9"
+
+
 @pytest.fixture
-def etcd_cluster() -> Iterator[list[servers.Process]]:
+def etcd_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[servers.Process]]:
+    """A real 3-member etcd, probed and driven with a dead http proxy in the environment
+    (every target is on 127.0.0.1: neither urllib nor gRPC may route through one)."""
     if servers.etcd_binary() is None:
         pytest.skip("etcd is not installed (the kv-tools[bench] extra ships it)")
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, UNREACHABLE_PROXY)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     with servers.Servers() as running:
         members = running.start_etcd(ETCD_MEMBERS)
         assert isinstance(members, list)
@@ -440,7 +449,9 @@ def test_the_leader_only_driver_sends_everything_to_the_leader(
     async def leaders() -> set[int]:
         named = set()
         for member in etcd_cluster:
-            async with grpc.aio.insecure_channel(member.address) as channel:
+            async with grpc.aio.insecure_channel(
+                member.address, options=CHANNEL_OPTIONS
+            ) as channel:
                 status: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
                     "/etcdserverpb.Maintenance/Status"
                 )

@@ -27,8 +27,10 @@ from kv_tools.bench import etcd_wire
 from kv_tools.bench.workload import PUT, Op
 
 DEFAULT_TIMEOUT = 10.0
-# The bench's own channels (echo, one node, etcd): quick reconnects, large messages.
+# The bench's own channels (echo, one node, etcd): quick reconnects, large messages, and
+# never through an http_proxy of the environment (every target is on 127.0.0.1).
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.enable_http_proxy", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),

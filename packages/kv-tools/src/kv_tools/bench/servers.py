@@ -118,10 +118,11 @@ def etcd_healthy(address: str) -> Callable[[], bool]:
     """Readiness of an etcd member: its /health says true, which etcd answers only once the
     cluster has a leader and a quorum read through this member succeeded."""
     url = f"http://{address}{ETCD_HEALTH_PATH}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no *_proxy variables
 
     def probe() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as reply:
+            with direct.open(url, timeout=PROBE_TIMEOUT) as reply:
                 body = json.loads(reply.read())
         except (OSError, ValueError):
             return False
