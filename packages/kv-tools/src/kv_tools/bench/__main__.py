@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from kv_tools.bench.cli import parse_levels
-from kv_tools.bench.idle import measure_idle, verdicts
-from kv_tools.bench.memory import measure_engine
+from kv_tools.bench.idle import measure_etcd_idle, measure_idle, verdicts
+from kv_tools.bench.memory import measure_cluster, measure_engine
 from kv_tools.bench.report import machine, write_all
 from kv_tools.bench.servers import Servers
 from kv_tools.bench.suite import TARGETS, configs, ratios, run_suite
@@ -26,6 +26,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "warmup": 0.3,
         "keyspace": 10_000,
         "memory": 50_000,
+        "cluster_memory": 0,
         "idle": 0.0,
     },
     # The sweep, YCSB A/B/C, replication, the 1M-key memory figure and a replicated cluster's
@@ -36,20 +37,24 @@ SUITES: dict[str, dict[str, Any]] = {
         "warmup": 1.0,
         "keyspace": 100_000,
         "memory": 1_000_000,
+        "cluster_memory": 0,
         "idle": 30.0,
     },
-    # ~3-4 minutes: issue 10's rows (RF=3 vs RF=1 vs etcd) and the start and idle cost.
+    # ~8-12 minutes: issue 10's rows (RF=3 vs RF=1 vs a 3-member etcd), the start and idle
+    # cost of both clusters, and their bytes per key with every copy counted.
     "replication": {
         "duration": 2.0,
         "rounds": 3,
         "warmup": 0.5,
         "keyspace": 10_000,
         "memory": 0,
+        "cluster_memory": 20_000,
         "idle": 30.0,
     },
 }
 IDLE_PARTITIONS = (None, 256)
 """Partition counts of the start and idle measurement: the node's default (1,024), and fewer."""
+CLUSTER_MEMORY_TARGETS = ("kv3-rf3", "etcd3")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +85,11 @@ def parser() -> argparse.ArgumentParser:
         help="run only configurations whose label contains TEXT (repeatable)",
     )
     p.add_argument(
+        "--cluster-memory-keys",
+        type=int,
+        help="keys to fill into 3 nodes RF=3 and a 3-member etcd for bytes/key (0 skips it)",
+    )
+    p.add_argument(
         "--idle-seconds",
         type=float,
         help="idle window of the 3-node RF=3 start and idle measurement (0 skips it)",
@@ -88,8 +98,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _idle(servers: Servers, seconds: float) -> list[dict[str, Any]]:
-    """Start a 3-node RF=3 cluster per partition count, time it to SERVING, watch it idle."""
+async def _idle(servers: Servers, seconds: float, etcd: bool) -> list[dict[str, Any]]:
+    """Start a 3-node RF=3 cluster per partition count, time it to SERVING, watch it idle;
+    then (``etcd``) the same window on a 3-member etcd."""
     measured = []
     for partitions in IDLE_PARTITIONS:
         shown = "default" if partitions is None else partitions
@@ -102,6 +113,28 @@ async def _idle(servers: Servers, seconds: float) -> list[dict[str, Any]]:
             for line in verdicts(result):
                 print(f"  {line}")
         measured.append(result)
+    if etcd:
+        print(f"idle: etcd 3 members, {seconds:g} s idle")
+        try:
+            result = await measure_etcd_idle(servers, seconds)
+        except Exception as exc:
+            result = {"cluster": "etcd 3 members", "partitions": "-", "error": str(exc)}
+        print(f"  {result.get('idle_cpu_percent', result.get('error'))}")
+        measured.append(result)
+    return measured
+
+
+async def _cluster_memory(servers: Servers, keys: int) -> list[dict[str, Any]]:
+    measured = []
+    for target in CLUSTER_MEMORY_TARGETS:
+        print(f"memory: filling {target} with {keys:,} keys")
+        try:
+            result = await measure_cluster(servers, target, keys)
+        except Exception as exc:
+            result = {"target": target, "error": str(exc)}
+        shown = {k: v for k, v in result.items() if k not in ("before", "after")}
+        print(f"  {shown}")
+        measured.append(result)
     return measured
 
 
@@ -113,6 +146,9 @@ async def _main(args: argparse.Namespace) -> int:
     keyspace = args.keyspace or preset["keyspace"]
     memory_keys = preset["memory"] if args.memory_keys is None else args.memory_keys
     idle_seconds = preset["idle"] if args.idle_seconds is None else args.idle_seconds
+    cluster_keys = (
+        preset["cluster_memory"] if args.cluster_memory_keys is None else args.cluster_memory_keys
+    )
     plan = configs(args.suite, args.concurrency)
     if args.only:
         plan = [c for c in plan if any(text in c.label for text in args.only)]
@@ -122,17 +158,22 @@ async def _main(args: argparse.Namespace) -> int:
     print(f"kv bench: suite {args.suite}, {len(plan)} configurations x {rounds} rounds")
     with Servers() as servers:
         # Before the load runs: nothing else of the bench is running while it idles.
-        idle = await _idle(servers, idle_seconds) if idle_seconds > 0 else []
+        etcd_idle = args.suite == "replication"
+        idle = await _idle(servers, idle_seconds, etcd_idle) if idle_seconds > 0 else []
         result = await run_suite(
             servers,
             plan,
-            ratios(args.concurrency),
+            ratios(args.concurrency, args.suite),
             rounds=rounds,
             duration=duration,
             warmup=warmup,
             keyspace=keyspace,
             seed=args.seed,
         )
+        # The measured targets are done: the memory figures start fresh clusters, alone.
+        servers.stop_all()
+        if cluster_keys > 0:
+            result.cluster_memory = await _cluster_memory(servers, cluster_keys)
         if memory_keys > 0:
             for engine in ("memory", "lmdb"):
                 print(f"memory: filling a {engine} node with {memory_keys:,} keys")

@@ -9,7 +9,9 @@ The ``kv`` command wires it as a subcommand::
         return kv_tools.bench.cli.run_from_args(args)
 
 It prints a Markdown table (one row per concurrency level, medians over ``--rounds``) and
-exits non-zero when any operation failed.
+exits non-zero when any operation failed. ``kv bench --suite NAME`` instead runs one of the
+suites of ``python -m kv_tools.bench``, which start their own servers (``replication``: kv at
+RF=3 against a 3-member etcd).
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from kv_tools.bench.suite import Aggregate, Config
 from kv_tools.bench.workload import WORKLOADS, WorkloadSpec
 
 DEFAULT_ADDRESSES = "127.0.0.1:7001"
+DEFAULT_DURATION = 10.0
+DEFAULT_WARMUP = 1.0
+DEFAULT_ROUNDS = 1
+DEFAULT_KEYSPACE = 100_000
+DEFAULT_LEVELS = [16]
+SUITE_NAMES = ("smoke", "full", "replication")
+"""The suites of ``python -m kv_tools.bench`` (kept here so that ``kv bench --help`` does not
+import them)."""
 
 
 def parse_levels(text: str) -> list[int]:
@@ -56,14 +66,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency",
         type=parse_levels,
-        default=[16],
+        default=DEFAULT_LEVELS,
         help="workers (closed loop); a comma-separated list runs each level",
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per round")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat and report medians")
+    parser.add_argument(
+        "--duration", type=float, help=f"measured seconds per round (default {DEFAULT_DURATION:g})"
+    )
+    parser.add_argument(
+        "--warmup", type=float, help=f"unmeasured seconds first (default {DEFAULT_WARMUP:g})"
+    )
+    parser.add_argument(
+        "--rounds", type=int, help=f"repeat and report medians (default {DEFAULT_ROUNDS})"
+    )
     parser.add_argument("--batch", type=int, default=1, help="operations per request (1 = unary)")
-    parser.add_argument("--keyspace", type=int, default=100_000, help="distinct keys")
+    parser.add_argument(
+        "--keyspace", type=int, help=f"distinct keys (default {DEFAULT_KEYSPACE:,})"
+    )
     parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="uniform")
     parser.add_argument("--value-size", type=int, default=100, help="bytes per value")
     parser.add_argument(
@@ -81,6 +99,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-ops", type=int, default=50_000_000, help="stop after this many ops")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--suite",
+        choices=SUITE_NAMES,
+        help="instead of loading a running cluster, start every target here and run this "
+        "suite (python -m kv_tools.bench); --duration, --warmup, --rounds, --keyspace, "
+        "--concurrency and --seed are passed on when given, the rest is the suite's",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="with --suite: results directory"
+    )
+
+
+def suite_argv(args: argparse.Namespace, given_concurrency: bool) -> list[str]:
+    """The ``python -m kv_tools.bench`` arguments for ``kv bench --suite``."""
+    argv = ["--suite", args.suite, "--out", str(args.out), "--seed", str(args.seed)]
+    for option in ("duration", "warmup", "rounds", "keyspace"):
+        value = getattr(args, option)
+        if value is not None:
+            argv += [f"--{option}", str(value)]
+    if given_concurrency:
+        argv += ["--concurrency", ",".join(str(level) for level in args.concurrency)]
+    return argv
 
 
 def _driver(via: str, addresses: str) -> Driver:
@@ -143,6 +183,14 @@ async def _run(args: argparse.Namespace, addresses: str) -> list[Aggregate]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``kv bench``; returns the exit code (0 ok, 1 operations failed, 2 cannot run)."""
+    if args.suite is not None:
+        from kv_tools.bench import __main__ as suites
+
+        return suites.main(suite_argv(args, args.concurrency is not DEFAULT_LEVELS))
+    args.duration = DEFAULT_DURATION if args.duration is None else args.duration
+    args.warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    args.rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    args.keyspace = DEFAULT_KEYSPACE if args.keyspace is None else args.keyspace
     addresses = args.bench_addr or getattr(args, "addr", None) or DEFAULT_ADDRESSES
     if args.batch < 1 or args.rounds < 1 or args.duration <= 0 or args.keyspace < 1:
         print(

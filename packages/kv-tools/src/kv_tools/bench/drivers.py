@@ -7,7 +7,8 @@ request, ``batch`` is many operations in one request (returns how many of them f
 * ``StubDriver``   kv.v1 through a raw generated stub on one channel: the echo server, or a
                    kv node that forwards whatever it does not own ("via one node").
 * ``SdkDriver``    kv through ``kv_client.AsyncClient``: routes each key to its owner.
-* ``EtcdDriver``   etcd v3's gRPC KV API, messages encoded by hand (no etcd protos needed).
+* ``EtcdDriver``   etcd v3's gRPC KV API over one member or round-robin over several, messages
+                   encoded by hand (``etcd_wire``).
 * ``RedisDriver``  Redis through redis-py's asyncio client; batches are pipelines.
 """
 
@@ -22,11 +23,14 @@ from redis.exceptions import RedisError
 from kv.v1 import kv_pb2, kv_pb2_grpc
 from kv_client import AsyncClient, KvError
 from kv_client.batch import Get, Put
+from kv_tools.bench import etcd_wire
 from kv_tools.bench.workload import PUT, Op
 
 DEFAULT_TIMEOUT = 10.0
-# The bench's own channels (echo, one node, etcd): quick reconnects, large messages.
+# The bench's own channels (echo, one node, etcd): quick reconnects, large messages, and
+# never through an http_proxy of the environment (every target is on 127.0.0.1).
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.enable_http_proxy", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -181,116 +185,78 @@ class SdkDriver(Driver):
         self._client = None
 
 
-# --- etcd: protobuf wire format by hand -------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _len_field(number: int, data: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def parse_fields(data: bytes) -> list[tuple[int, int | bytes]]:
-    """Top-level fields of a protobuf message as (number, value) pairs."""
-    fields: list[tuple[int, int | bytes]] = []
-    pos = 0
-
-    def varint() -> int:
-        nonlocal pos
-        shift = result = 0
-        while True:
-            byte = data[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return result
-            shift += 7
-
-    while pos < len(data):
-        tag = varint()
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            fields.append((number, varint()))
-        elif wire == 2:
-            length = varint()
-            fields.append((number, data[pos : pos + length]))
-            pos += length
-        elif wire == 1:
-            fields.append((number, int.from_bytes(data[pos : pos + 8], "little")))
-            pos += 8
-        elif wire == 5:
-            fields.append((number, int.from_bytes(data[pos : pos + 4], "little")))
-            pos += 4
-        else:
-            raise DriverError(f"unsupported protobuf wire type {wire}")
-    return fields
-
-
-def etcd_put_request(key: bytes, value: bytes) -> bytes:
-    """etcdserverpb.PutRequest{key = 1, value = 2}."""
-    return _len_field(1, key) + _len_field(2, value)
-
-
-def etcd_range_request(key: bytes) -> bytes:
-    """etcdserverpb.RangeRequest{key = 1}."""
-    return _len_field(1, key)
-
-
-def etcd_txn_request(ops: Sequence[Op]) -> bytes:
-    """etcdserverpb.TxnRequest{success = 2: RequestOp{request_range = 1 | request_put = 2}}."""
-    parts = []
-    for op in ops:
-        if op.kind == PUT:
-            request_op = _len_field(2, etcd_put_request(op.key, op.value))
-        else:
-            request_op = _len_field(1, etcd_range_request(op.key))
-        parts.append(_len_field(2, request_op))
-    return b"".join(parts)
-
-
-def etcd_range_value(response: bytes) -> bytes | None:
-    """The value of the first KeyValue (kvs = 2; KeyValue.value = 5) of a RangeResponse."""
-    for number, field in parse_fields(response):
-        if number == 2 and isinstance(field, bytes):
-            for inner, value in parse_fields(field):
-                if inner == 5 and isinstance(value, bytes):
-                    return value
-            return b""
-    return None
-
-
 class EtcdDriver(Driver):
-    """etcd v3 KV over gRPC: Put, Range, and Txn for batches (atomic, at most 128 ops by
-    default, keys deduplicated because etcd rejects a txn that writes one key twice)."""
+    """etcd v3 KV over gRPC: Put, Range (linearizable), and Txn for batches.
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.name = f"etcd:{address}"
-        self._address = address
+    With several members the calls are spread over them round-robin on one channel
+    (gRPC's ``round_robin`` policy over every member's address), which is what etcd's own
+    Go client (clientv3) does with several endpoints: followers forward proposals and ask
+    the leader for a read index themselves, so the comparison pays etcd's internal hop as a
+    user's client would. A Txn holds at most 128 operations by default, and keys are
+    deduplicated because etcd rejects a txn that writes one key twice.
+
+    ``leader_only`` sends every call to the member that leads when ``setup`` runs (asked with
+    Maintenance/Status), sparing etcd the follower's hop: the best case for etcd, to show
+    what the round-robin spread costs it.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        leader_only: bool = False,
+    ) -> None:
+        if not addresses:
+            raise DriverError("etcd driver without an address")
+        self.name = ("etcd-leader:" if leader_only else "etcd:") + ",".join(addresses)
+        self._addresses = list(addresses)
         self._timeout = timeout
+        self._leader_only = leader_only
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
+    async def _leader(self) -> str:
+        """The address of the member that every member's Status names as leader."""
+        ids: dict[int, str] = {}
+        leaders: set[int] = set()
+        for address in self._addresses:
+            async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+                status: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    "/etcdserverpb.Maintenance/Status"
+                )
+                try:
+                    reply: bytes = await status(
+                        etcd_wire.STATUS_REQUEST, timeout=self._timeout, wait_for_ready=True
+                    )
+                except grpc.RpcError as exc:
+                    raise DriverError(f"etcd at {address} does not answer Status: {exc}") from None
+            ids[etcd_wire.member_id(reply)] = address
+            leaders.add(etcd_wire.status_leader(reply))
+        leader = leaders.pop() if len(leaders) == 1 else 0
+        if leader not in ids:
+            raise DriverError(f"etcd members do not agree on a leader among them: {leaders}")
+        return ids[leader]
+
     async def setup(self) -> None:
-        channel = grpc.aio.insecure_channel(self._address, options=CHANNEL_OPTIONS)
+        if self._leader_only:
+            self._addresses = [await self._leader()]
+        if len(self._addresses) == 1:
+            channel = grpc.aio.insecure_channel(self._addresses[0], options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.aio.insecure_channel(
+                "ipv4:" + ",".join(self._addresses),
+                options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
+            )
         self._channel = channel
         for method in ("Put", "Range", "Txn"):
             self._calls[method] = channel.unary_unary(f"/etcdserverpb.KV/{method}")
         try:
             await self._call("Range")(
-                etcd_range_request(b"bench-probe"), timeout=self._timeout, wait_for_ready=True
+                etcd_wire.range_request(b"bench-probe"), timeout=self._timeout, wait_for_ready=True
             )
         except grpc.RpcError as exc:
-            raise DriverError(f"etcd at {self._address} does not answer Range: {exc}") from None
+            raise DriverError(f"etcd at {self.name} does not answer Range: {exc}") from None
 
     def _call(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         if method not in self._calls:
@@ -298,21 +264,25 @@ class EtcdDriver(Driver):
         return self._calls[method]
 
     async def put(self, key: bytes, value: bytes) -> None:
-        await self._call("Put")(etcd_put_request(key, value), timeout=self._timeout)
+        await self._call("Put")(etcd_wire.put_request(key, value), timeout=self._timeout)
 
     async def get(self, key: bytes) -> bytes | None:
-        response = await self._call("Range")(etcd_range_request(key), timeout=self._timeout)
-        return etcd_range_value(response)
+        return etcd_wire.range_value(await self.range(key))
+
+    async def range(self, key: bytes) -> bytes:
+        """The raw RangeResponse (its header names the member that answered)."""
+        return await self._call("Range")(etcd_wire.range_request(key), timeout=self._timeout)
 
     async def batch(self, ops: Sequence[Op]) -> int:
         unique = list({(op.kind, op.key): op for op in ops}.values())
-        await self._call("Txn")(etcd_txn_request(unique), timeout=self._timeout)
+        await self._call("Txn")(etcd_wire.txn_request(unique), timeout=self._timeout)
         return 0
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
         self._channel = None
+        self._calls = {}
 
 
 class RedisDriver(Driver):

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from kv_common.placement import DEFAULT_PARTITIONS
-from kv_tools.bench.servers import Servers, cpu_seconds, wait_writable
+from kv_tools.bench.servers import Process, Servers, Unavailable, cpu_seconds, wait_writable
 
 NODES = 3
 REPLICATION_FACTOR = 3
@@ -65,31 +66,66 @@ async def measure_idle(
         result["writes_refused"] = refusals
         if idle_seconds > 0:
             await asyncio.sleep(SETTLE_SECONDS)
-            load_idle = os.getloadavg()[0]
-            before = {n.name: cpu_seconds(n.pid) for n in nodes}
-            window_start = time.monotonic()
-            slices: list[float] = []  # the whole cluster's % of one core, per slice
-            last, last_at = sum(before.values()), window_start
-            while (left := window_start + idle_seconds - time.monotonic()) > 0:
-                await asyncio.sleep(min(SAMPLE_SECONDS, left))
-                now, now_at = sum(cpu_seconds(n.pid) for n in nodes), time.monotonic()
-                slices.append(round(100 * (now - last) / (now_at - last_at) / len(nodes), 2))
-                last, last_at = now, now_at
-            window = time.monotonic() - window_start
-            after = {n.name: cpu_seconds(n.pid) for n in nodes}
-            result["idle_seconds"] = round(window, 1)
-            result["idle_cpu_percent"] = {
-                name: round(100 * (after[name] - before[name]) / window, 2) for name in before
-            }
-            result["idle_cpu_percent_per_node_by_slice"] = slices
-            result["loadavg_idle_before"] = load_idle
-            result["loadavg_idle_after"] = os.getloadavg()[0]
-            for node in nodes:
-                if node.popen.poll() is not None:
-                    raise RuntimeError(f"{node.name} exited while idle: {node.log_tail()}")
+            result.update(await watch_idle(nodes, idle_seconds))
     finally:
         for node in nodes:
             servers.stop(node)
+    return result
+
+
+async def watch_idle(processes: Sequence[Process], idle_seconds: float) -> dict[str, Any]:
+    """CPU of each process over ``idle_seconds`` with no client, as % of one core, and the
+    mean of the processes per slice; raises if one of them exits meanwhile."""
+    load_idle = os.getloadavg()[0]
+    before = {p.name: cpu_seconds(p.pid) for p in processes}
+    window_start = time.monotonic()
+    slices: list[float] = []  # the cluster's mean % of one core per process, per slice
+    last, last_at = sum(before.values()), window_start
+    while (left := window_start + idle_seconds - time.monotonic()) > 0:
+        await asyncio.sleep(min(SAMPLE_SECONDS, left))
+        now, now_at = sum(cpu_seconds(p.pid) for p in processes), time.monotonic()
+        slices.append(round(100 * (now - last) / (now_at - last_at) / len(processes), 2))
+        last, last_at = now, now_at
+    window = time.monotonic() - window_start
+    after = {p.name: cpu_seconds(p.pid) for p in processes}
+    for process in processes:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited while idle: {process.log_tail()}")
+    return {
+        "idle_seconds": round(window, 1),
+        "idle_cpu_percent": {
+            name: round(100 * (after[name] - before[name]) / window, 2) for name in before
+        },
+        "idle_cpu_percent_per_node_by_slice": slices,
+        "loadavg_idle_before": load_idle,
+        "loadavg_idle_after": os.getloadavg()[0],
+    }
+
+
+async def measure_etcd_idle(servers: Servers, idle_seconds: float) -> dict[str, Any]:
+    """The same window on the 3-member etcd that replicated kv is compared with."""
+    load_start = os.getloadavg()[0]
+    began = time.monotonic()
+    members = servers.start_etcd(NODES)
+    if isinstance(members, Unavailable):
+        return {"cluster": f"etcd {NODES} members", "partitions": "-", "error": members.reason}
+    healthy = round(time.monotonic() - began, 2)
+    result: dict[str, Any] = {
+        "cluster": f"etcd {NODES} members",
+        "nodes": NODES,
+        "replication_factor": NODES,
+        "partitions": "-",
+        "start_to_serving_s": healthy,
+        "start_to_writable_s": healthy,
+        "loadavg_at_start": load_start,
+    }
+    try:
+        if idle_seconds > 0:
+            await asyncio.sleep(SETTLE_SECONDS)
+            result.update(await watch_idle(members, idle_seconds))
+    finally:
+        for member in members:
+            servers.stop(member)
     return result
 
 

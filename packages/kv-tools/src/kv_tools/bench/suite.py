@@ -34,6 +34,8 @@ BATCH_CONCURRENCY = 16
 so deep that latency says nothing."""
 
 HEADLINE_CONCURRENCY = 64
+ETCD_MEMBERS = 3
+"""The etcd that replicated kv is measured against: as many members as kv has nodes."""
 PRELOAD_TIMEOUT = 60.0
 """Deadline of each preload request: the preload is not measured, and a 500-key batch
 through a replicated cluster took longer than the drivers' 10 s."""
@@ -42,7 +44,7 @@ through a replicated cluster took longer than the drivers' 10 s."""
 @dataclass(frozen=True)
 class Config:
     target: str  # a key of TARGETS
-    via: str  # sdk | sdk-nocoalesce | stub (a raw stub to the first node) | etcd | redis
+    via: str  # sdk | sdk-nocoalesce | stub (one node) | etcd | etcd-leader | redis
     workload: str = "write"
     batch: int = 1
     concurrency: int = HEADLINE_CONCURRENCY
@@ -89,7 +91,12 @@ TARGETS: dict[str, Target] = {
             "kv, 3 nodes, LMDB, RF=3 (every partition a Raft group), default partitions",
             lambda s: s.start_kv(3, "lmdb", replication_factor=3),
         ),
-        Target("etcd", "etcd, 1 member, default fsync", lambda s: _one(s.start_etcd())),
+        Target("etcd", "etcd, 1 member, default fsync", lambda s: s.start_etcd(1)),
+        Target(
+            "etcd3",
+            f"etcd, {ETCD_MEMBERS} members, default fsync, calls round-robin over the members",
+            lambda s: s.start_etcd(ETCD_MEMBERS),
+        ),
         Target(
             "redis", "redis-server, no persistence", lambda s: _one(s.start_redis(durable=False))
         ),
@@ -111,8 +118,9 @@ def make_driver(
         return SdkDriver(addresses, timeout=timeout, coalesce=config.via == "sdk")
     if config.via == "stub":
         return StubDriver(first, timeout=timeout)
-    if config.via == "etcd":
-        return EtcdDriver(first, timeout=timeout)
+    if config.via in ("etcd", "etcd-leader"):
+        members = [p.address for p in processes]
+        return EtcdDriver(members, timeout=timeout, leader_only=config.via == "etcd-leader")
     if config.via == "redis":
         host, port = first.rsplit(":", 1)
         return RedisDriver(host, int(port))
@@ -123,8 +131,44 @@ def _headline(levels: Sequence[int]) -> int:
     return HEADLINE_CONCURRENCY if HEADLINE_CONCURRENCY in levels else max(levels)
 
 
-def ratios(levels: Sequence[int]) -> list[Ratio]:
-    """The issue's targets, as ratios of two configurations' ops/s."""
+def ratios(levels: Sequence[int], suite: str = "smoke") -> list[Ratio]:
+    """The issues' targets of a suite, as ratios of two configurations' ops/s."""
+    if suite == "replication":
+        return replication_ratios(levels)
+    if suite == "full":
+        return single_node_ratios(levels) + replication_ratios(levels)
+    return single_node_ratios(levels)
+
+
+def replication_ratios(levels: Sequence[int]) -> list[Ratio]:
+    """Issue 10: 3 nodes at RF=3 through the SDK against a 3-member etcd, same run, >= 1x."""
+    c = _headline(levels)
+    b = BATCH_CONCURRENCY
+    rows = [
+        (
+            "unary puts",
+            Config("kv3-rf3", "sdk", concurrency=c),
+            Config("etcd3", "etcd", concurrency=c),
+        ),
+        (
+            "batch-100 puts vs Txn of 100 puts",
+            Config("kv3-rf3", "sdk", batch=100, concurrency=b),
+            Config("etcd3", "etcd", batch=100, concurrency=b),
+        ),
+        (
+            "linearizable gets vs linearizable Range",
+            Config("kv3-rf3", "sdk", "C", concurrency=c),
+            Config("etcd3", "etcd", "C", concurrency=c),
+        ),
+    ]
+    return [
+        Ratio(f"kv 3 nodes RF=3 / etcd {ETCD_MEMBERS} members: {what}", kv.label, etcd.label, 1.0)
+        for what, kv, etcd in rows
+    ]
+
+
+def single_node_ratios(levels: Sequence[int]) -> list[Ratio]:
+    """Issues 4-7: one durable node (and 3 nodes at RF=1) against the floor and the anchors."""
     c = _headline(levels)
     b = BATCH_CONCURRENCY
     kv_unary = Config("kv1-lmdb", "sdk", concurrency=c).label
@@ -177,7 +221,8 @@ def ratios(levels: Sequence[int]) -> list[Ratio]:
 
 def replication_configs(c: int = HEADLINE_CONCURRENCY) -> list[Config]:
     """Issue 10's speed rows: 3 nodes at RF=3 through the SDK (single-key puts, batch-100
-    puts, linearizable gets), beside RF=1 on 1 and 3 nodes and etcd, all in the same run."""
+    puts, linearizable gets), beside RF=1 on 1 and 3 nodes and a 3-member etcd, all in the
+    same run, at the same concurrency, keys and value sizes."""
     b = BATCH_CONCURRENCY
     plan: list[Config] = []
     for target in ("kv1-lmdb", "kv3-lmdb", "kv3-rf3"):
@@ -186,11 +231,12 @@ def replication_configs(c: int = HEADLINE_CONCURRENCY) -> list[Config]:
             Config(target, "sdk", batch=100, concurrency=b),
             Config(target, "sdk", "C", concurrency=c),
         ]
-    plan += [
-        Config("etcd", "etcd", concurrency=c),
-        Config("etcd", "etcd", batch=100, concurrency=b),
-        Config("etcd", "etcd", "C", concurrency=c),
-    ]
+    for via in ("etcd", "etcd-leader"):  # the second: etcd's best case, not in the ratios
+        plan += [
+            Config("etcd3", via, concurrency=c),
+            Config("etcd3", via, batch=100, concurrency=b),
+            Config("etcd3", via, "C", concurrency=c),
+        ]
     return plan
 
 
@@ -338,6 +384,7 @@ class SuiteResult:
     unavailable: dict[str, str]
     settings: dict[str, Any]
     memory: list[dict[str, Any]] = field(default_factory=list)
+    cluster_memory: list[dict[str, Any]] = field(default_factory=list)
     idle: list[dict[str, Any]] = field(default_factory=list)
 
 
