@@ -66,6 +66,17 @@ DOWN_MAX = 3.0
 PAUSE_SECONDS = 3.0
 """SIGSTOP length: well above the longest election timeout (ELECTION_TIMEOUT_MAX)."""
 ISOLATE_SECONDS = 3.0
+COMPACT_FLAG = "--raft-compact-after"
+RAFT_COMPACT_AFTER = 10
+"""For the behind-compaction scenario: logs compact every 20 entries (keeping 10), so a node
+down for a few hundred writes is past every loaded group's log; the default (10,000 per
+group) would take minutes of load here."""
+BEHIND_ACKED_WRITES = 400
+"""Writes acknowledged while the node is down: about 60 per key, 3-6 compactions of every
+loaded group (the keys spread over most of the REPLICATED_PARTITIONS)."""
+BEHIND_MAX_DOWN = 10.0
+CATCH_UP_TIMEOUT = 15.0
+"""From the restarted node serving until its metrics must show a snapshot installed."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class Context:
     node_addresses: dict[str, str]
     deadline: float
     load: Load
+    problems: list[str]
+    """What the run must fail for besides the verdict (a fault that did not do its job)."""
 
     def over(self) -> bool:
         return time.monotonic() >= self.deadline or self.history.full or not self.load.running
@@ -155,6 +168,24 @@ def rolling_restart(ctx: Context) -> None:
         ctx.gap()
 
 
+def kill9_behind_compaction(ctx: Context) -> None:
+    while not ctx.over():
+        node = ctx.random_node()
+        catch_up = ctx.faults.kill9_behind_compaction(
+            node,
+            acked_writes=BEHIND_ACKED_WRITES,
+            max_down=BEHIND_MAX_DOWN,
+            catch_up_timeout=CATCH_UP_TIMEOUT,
+        )
+        print(f"   {node} behind compaction: {catch_up.describe()}", flush=True)
+        if not catch_up.by_snapshot:
+            ctx.problems.append(
+                f"{node} restarted after falling behind compaction but installed no snapshot "
+                f"within {CATCH_UP_TIMEOUT:g}s {catch_up.describe()}"
+            )
+        ctx.gap()
+
+
 def isolate(mode: CutMode) -> Schedule:
     def schedule(ctx: Context) -> None:
         while not ctx.over():
@@ -173,6 +204,7 @@ class Scenario:
     what: str
     needs: tuple[str, ...] = ()  # kv-node flags it depends on
     peer_links: bool = False
+    extra: tuple[str, ...] = ()  # node flags of its own (replicated runs only)
 
     def node_args(self, stand_in: bool) -> list[str]:
         if self.replication_factor == 1 or stand_in:
@@ -184,6 +216,7 @@ class Scenario:
             str(REPLICATED_PARTITIONS),
             TICK_FLAG,
             str(RAFT_TICK_MS),
+            *self.extra,
         ]
 
 
@@ -201,6 +234,10 @@ def _replicated(nodes: int) -> list[Scenario]:
                  "blackhole one node's peer links, heal", links, peer_links=True),
         Scenario(f"rf3-rolling-restart-{nodes}n", nodes, 3, rolling_restart,
                  "SIGTERM + restart every node in turn", rf),
+        Scenario(f"rf3-behind-compaction-{nodes}n", nodes, 3, kill9_behind_compaction,
+                 "kill -9 a node until the others compact past it, restart: catch up by "
+                 "snapshot", (*rf, COMPACT_FLAG),
+                 extra=(COMPACT_FLAG, str(RAFT_COMPACT_AFTER))),
     ]  # fmt: skip
 
 
@@ -210,6 +247,7 @@ QUICK_SET = (
     "rf3-sigstop-leader-3n",
     "rf3-isolate-blackhole-5n",
     "rf3-rolling-restart-3n",
+    "rf3-behind-compaction-3n",
 )
 """What a bare run (CI) covers: every fault kind once, 3 and 5 nodes, in about 1.5 minutes.
 ``--all`` runs every scenario; ``--long`` runs every scenario for longer."""
@@ -331,6 +369,7 @@ def run_scenario(
             {node_id: node.address for node_id, node in cluster.nodes.items()},
             time.monotonic() + budget.seconds,  # the schedule's time starts after the warmup
             load,
+            problems,
         )
         try:
             scenario.schedule(ctx)
