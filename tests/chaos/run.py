@@ -249,7 +249,7 @@ QUICK_SET = (
     "rf3-rolling-restart-3n",
     "rf3-behind-compaction-3n",
 )
-"""What a bare run (CI) covers: every fault kind once, 3 and 5 nodes, in about 1.5 minutes.
+"""What a bare run (CI) covers: every fault kind once, 3 and 5 nodes, in about 2 minutes.
 ``--all`` runs every scenario; ``--long`` runs every scenario for longer."""
 
 SCENARIOS: list[Scenario] = [
