@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from chaos import metrics
@@ -56,6 +56,8 @@ class PeerLinks:
 
 
 SNAPSHOTS_SENT = "kv_replication_snapshots_sent_total"
+INSTALLED = "kv_replication_snapshots_installed_total"
+SNAPSHOT_BYTES_RECEIVED = "kv_replication_snapshot_bytes_received_total"
 SNAPSHOT_BYTES_SENT = "kv_replication_snapshot_bytes_sent_total"
 
 
@@ -81,21 +83,22 @@ class CatchUp:
     """From the node serving until its metrics showed a snapshot installed; None: never."""
     installed: int
     received: int
+    bytes_received: int
     discarded: int
     sent: int
     """Snapshots the other nodes sent during the fault and the catch-up (to anyone)."""
     bytes_sent: int
 
-    @property
-    def by_snapshot(self) -> bool:
-        return self.installed > 0
+    def by_snapshot(self, min_bytes: int = 0) -> bool:
+        return self.installed > 0 and self.bytes_received >= min_bytes
 
     def describe(self) -> str:
         after = "never" if self.installed_after is None else f"{self.installed_after:.2f}s"
         return (
             f"(down {self.down_seconds:.1f}s, {self.acked_while_down} writes acked; "
             f"serving {self.ready_seconds:.1f}s after restart; snapshots: {self.received} "
-            f"received, {self.installed} installed ({after} after serving), "
+            f"received ({self.bytes_received} bytes), {self.installed} installed ({after} "
+            f"after serving), "
             f"{self.discarded} discarded; {self.sent} sent, {self.bytes_sent} bytes)"
         )
 
@@ -130,11 +133,19 @@ class Faults:
             self.history.fault_ended(index)
 
     def kill9_behind_compaction(
-        self, node_id: str, *, acked_writes: int, max_down: float, catch_up_timeout: float
+        self,
+        node_id: str,
+        *,
+        acked_writes: int,
+        max_down: float,
+        catch_up_timeout: float,
+        while_down: Callable[[], None] = lambda: None,
+        min_bytes: int = 0,
     ) -> CatchUp:
-        """kill -9, stay down while the load gets ``acked_writes`` more writes acknowledged
-        (enough that the live replicas compact their logs past the dead one's), restart on the
-        same data, and wait until the node says it installed a snapshot (its metrics).
+        """kill -9, run ``while_down``, stay down until the load has ``acked_writes`` more
+        writes acknowledged (enough that the live replicas compact their logs past the dead
+        one's), restart on the same data, and wait until the node's metrics say it installed a
+        snapshot and received at least ``min_bytes`` of snapshot data.
 
         What the catch-up took is returned and noted on the fault; whether it happened at all
         is the caller's verdict (``CatchUp.by_snapshot``).
@@ -147,6 +158,7 @@ class Faults:
         try:
             node.kill()
             down = time.monotonic()
+            while_down()
             self.history.wait_for(acked_writes=acked_writes, timeout=max_down)
         finally:
             acked = self.history.acked_writes - acked_before
@@ -158,7 +170,7 @@ class Faults:
         assert node.metrics is not None, "the harness gives every node a metrics endpoint"
         counters, installed_after = metrics.wait_for(
             node.metrics,
-            lambda c: c.get("kv_replication_snapshots_installed_total", 0) > 0,
+            lambda c: c.get(INSTALLED, 0) > 0 and c.get(SNAPSHOT_BYTES_RECEIVED, 0) >= min_bytes,
             timeout=catch_up_timeout,
         )
         sent = _summed(others)
@@ -167,8 +179,9 @@ class Faults:
             acked_while_down=acked,
             ready_seconds=ready,
             installed_after=installed_after,
-            installed=int(counters.get("kv_replication_snapshots_installed_total", 0)),
+            installed=int(counters.get(INSTALLED, 0)),
             received=int(counters.get("kv_replication_snapshots_received_total", 0)),
+            bytes_received=int(counters.get(SNAPSHOT_BYTES_RECEIVED, 0)),
             discarded=int(counters.get("kv_replication_snapshots_discarded_total", 0)),
             sent=int(sent[SNAPSHOTS_SENT] - sent_before[SNAPSHOTS_SENT]),
             bytes_sent=int(sent[SNAPSHOT_BYTES_SENT] - sent_before[SNAPSHOT_BYTES_SENT]),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -31,6 +32,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,7 +46,7 @@ from chaos.proxy import CutMode
 from chaos.report import fault_rows, render
 
 from harness import Cluster, run_node_command
-from kv_client import Client
+from kv_client import Client, KvError
 
 REPLICATION_FLAG = "--replication-factor"
 PEER_VIA_FLAG = "--peer-via"
@@ -77,6 +79,12 @@ loaded group (the keys spread over most of the REPLICATED_PARTITIONS)."""
 BEHIND_MAX_DOWN = 10.0
 CATCH_UP_TIMEOUT = 15.0
 """From the restarted node serving until its metrics must show a snapshot installed."""
+BULK_BYTES = 17 * 1024 * 1024
+"""Written into one partition the dead node hosts (and the load does not touch) while it is
+down, so that its catch-up includes a snapshot above the transport's 16 MiB message limit:
+only chunking can carry it."""
+BULK_VALUE_BYTES = 512 * 1024
+BULK_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,37 @@ class Context:
 
     def gap(self) -> None:
         self.history.wait_for(acked_writes=GAP_ACKS, timeout=GAP_MAX)
+
+    def load_free_partitions(self) -> list[tuple[int, tuple[str, ...]]]:
+        """The partitions no load key is in, with their replicas."""
+        with Client(self.addresses) as kv:
+            used = {kv.locate(key).partition for key in self.keys}
+            placement = kv.cluster_map().placement
+            partitions = range(kv.cluster_map().partitions)
+            return [(p, placement.replicas(p)) for p in partitions if p not in used]
+
+    def fill(self, partition: int) -> None:
+        """Write ``BULK_BYTES`` into ``partition`` under keys of its own (not recorded: the
+        load never reads them). Puts of the same value are retried until they succeed."""
+        value = self.rng.randbytes(BULK_VALUE_BYTES)
+        deadline = time.monotonic() + BULK_TIMEOUT
+        with Client(self.addresses) as kv:
+            wanted = -(-BULK_BYTES // BULK_VALUE_BYTES)
+            chosen: list[str] = []
+            for i in itertools.count():
+                if kv.locate(f"bulk{i}").partition == partition:
+                    chosen.append(f"bulk{i}")
+                    if len(chosen) == wanted:
+                        break
+            for key in chosen:
+                while True:
+                    try:
+                        kv.put(key, value)
+                        break
+                    except KvError:
+                        if time.monotonic() > deadline:
+                            raise
+        print(f"   wrote {BULK_BYTES} bytes into partition {partition}", flush=True)
 
     def random_node(self) -> str:
         return self.rng.choice(self.node_ids)
@@ -169,19 +208,24 @@ def rolling_restart(ctx: Context) -> None:
 
 
 def kill9_behind_compaction(ctx: Context) -> None:
+    bulk_partitions = ctx.load_free_partitions()
     while not ctx.over():
         node = ctx.random_node()
+        hosted = [p for p, replicas in bulk_partitions if node in replicas]
+        bulk = ctx.rng.choice(hosted) if hosted else None
         catch_up = ctx.faults.kill9_behind_compaction(
             node,
             acked_writes=BEHIND_ACKED_WRITES,
             max_down=BEHIND_MAX_DOWN,
             catch_up_timeout=CATCH_UP_TIMEOUT,
+            while_down=(lambda: None) if bulk is None else partial(ctx.fill, bulk),
+            min_bytes=0 if bulk is None else BULK_BYTES,
         )
         print(f"   {node} behind compaction: {catch_up.describe()}", flush=True)
-        if not catch_up.by_snapshot:
+        if not catch_up.by_snapshot(0 if bulk is None else BULK_BYTES):
             ctx.problems.append(
-                f"{node} restarted after falling behind compaction but installed no snapshot "
-                f"within {CATCH_UP_TIMEOUT:g}s {catch_up.describe()}"
+                f"{node} restarted after falling behind compaction but did not catch up by "
+                f"snapshot within {CATCH_UP_TIMEOUT:g}s {catch_up.describe()}"
             )
         ctx.gap()
 

@@ -711,6 +711,7 @@ def test_a_snapshot_above_the_message_limit_travels_in_chunks_beside_other_group
             chunks,
         )
         assert b.transport.stats.messages_received == 2
+        assert b.transport.stats.snapshot_bytes_received == size
         assert b.transport.stats.snapshots_discarded == 0 and not a.recorder.dropped
         print(f"snapshot of {size} bytes in {chunks} chunks: {seconds:.3f}s")
 

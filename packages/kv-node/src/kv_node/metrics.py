@@ -258,6 +258,11 @@ class ReplicationCollector(Collector):
             value=transport.snapshots_received,
         )
         yield CounterMetricFamily(
+            "kv_replication_snapshot_bytes_received",
+            "Data of the snapshots reassembled whole from peers.",
+            value=transport.snapshot_bytes_received,
+        )
+        yield CounterMetricFamily(
             "kv_replication_snapshots_discarded",
             "Snapshots from a peer thrown away part-way (a broken chunk sequence, or the "
             "stream ended); the leader sends another.",

@@ -191,6 +191,8 @@ class TransportStats:
     """Snapshot data written, in chunks (a snapshot cut short by a broken stream included)."""
     snapshots_received: int = 0
     """Snapshot messages reassembled whole and handed on (also counted in messages_received)."""
+    snapshot_bytes_received: int = 0
+    """Data of the snapshots reassembled whole."""
     snapshot_chunks_received: int = 0
     snapshots_discarded: int = 0
     """Inbound snapshots thrown away part-way: the chunk protocol broken, or the stream ended."""
@@ -843,9 +845,10 @@ class PeerTransport:
                 f"a snapshot from {message.frm} to {message.to} on the stream from "
                 f"{peer} to {self.node_id}"
             )
-        self.stats.snapshots_received += 1
-        self.stats.messages_received += 1
         assert message.snapshot is not None
+        self.stats.snapshots_received += 1
+        self.stats.snapshot_bytes_received += len(message.snapshot.data)
+        self.stats.messages_received += 1
         log.info(
             "received a snapshot of group %d from %s: %d bytes",
             group,
