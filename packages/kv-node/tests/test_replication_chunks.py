@@ -221,3 +221,56 @@ def test_only_a_message_with_a_snapshot_is_cut() -> None:
     outgoing.next_chunk()
     with pytest.raises(RuntimeError, match="whole already"):
         outgoing.next_chunk()
+
+
+@st.composite
+def mangled(draw: st.DrawFn) -> list[raft_pb2.SnapshotChunk]:
+    """A valid chunk sequence, then a few random drops, repeats, swaps and tamperings."""
+    chunks = cut(snapshot_message(data_of(draw(st.integers(0, 6 * CHUNK)))))
+    for _ in range(draw(st.integers(0, 4))):
+        i = draw(st.integers(0, len(chunks) - 1))
+        action = draw(st.sampled_from(["drop", "repeat", "swap", "offset", "size", "data", "last"]))
+        chunk = raft_pb2.SnapshotChunk()
+        chunk.CopyFrom(chunks[i])
+        if action == "drop" and len(chunks) > 1:
+            del chunks[i]
+            continue
+        if action == "repeat":
+            chunks.insert(i, chunk)
+            continue
+        if action == "swap":
+            j = draw(st.integers(0, len(chunks) - 1))
+            chunks[i], chunks[j] = chunks[j], chunks[i]
+            continue
+        if action == "offset":
+            chunk.offset = draw(st.integers(0, 2**64 - 1))
+        elif action == "size":
+            chunk.total_size = draw(st.integers(0, 2**64 - 1))
+        elif action == "data":
+            chunk.data = draw(st.binary(max_size=2 * CHUNK))
+        else:
+            chunk.last = not chunk.last
+        chunks[i] = chunk
+    return chunks
+
+
+@given(mangled())
+def test_any_sequence_delivers_the_snapshot_or_nothing_and_stays_in_its_budget(
+    chunks: list[raft_pb2.SnapshotChunk],
+) -> None:
+    meta = snapshot_message(b"").snapshot
+    budget = ReassemblyBudget(LIMIT)
+    reassembler = Reassembler(budget)
+    for chunk in chunks:
+        try:
+            done = reassembler.feed(chunk)
+        except SnapshotDiscarded:
+            done = None
+        if done is not None:
+            group, message = done
+            assert group == GROUP and message.snapshot is not None
+            assert message.snapshot.data == data_of(len(message.snapshot.data))
+            assert meta is not None and message.snapshot.meta == meta.meta
+        assert budget.used == reassembler.reserved <= LIMIT
+    reassembler.discard_all()
+    assert budget.used == 0
