@@ -229,7 +229,9 @@ def mangled(draw: st.DrawFn) -> list[raft_pb2.SnapshotChunk]:
     chunks = cut(snapshot_message(data_of(draw(st.integers(0, 6 * CHUNK)))))
     for _ in range(draw(st.integers(0, 4))):
         i = draw(st.integers(0, len(chunks) - 1))
-        action = draw(st.sampled_from(["drop", "repeat", "swap", "offset", "size", "data", "last"]))
+        action = draw(
+            st.sampled_from(["drop", "repeat", "swap", "offset", "size", "data", "resize", "last"])
+        )
         chunk = raft_pb2.SnapshotChunk()
         chunk.CopyFrom(chunks[i])
         if action == "drop" and len(chunks) > 1:
@@ -246,7 +248,9 @@ def mangled(draw: st.DrawFn) -> list[raft_pb2.SnapshotChunk]:
             chunk.offset = draw(st.integers(0, 2**64 - 1))
         elif action == "size":
             chunk.total_size = draw(st.integers(0, 2**64 - 1))
-        elif action == "data":
+        elif action == "data":  # same length: only the checksum can tell
+            chunk.data = draw(st.binary(min_size=len(chunk.data), max_size=len(chunk.data)))
+        elif action == "resize":
             chunk.data = draw(st.binary(max_size=2 * CHUNK))
         else:
             chunk.last = not chunk.last
