@@ -23,7 +23,7 @@ from kv_common.cluster_map import ClusterMap, Member
 from kv_common.fingerprint import map_fingerprint
 from kv_node.replication import transport as transport_module
 from kv_node.replication.chunks import OutgoingSnapshot
-from kv_node.replication.codec import encode_message
+from kv_node.replication.codec import CodecError, encode_message
 from kv_node.replication.transport import (
     STREAM_METHOD,
     PeerTransport,
@@ -869,5 +869,38 @@ def test_the_receiver_discards_broken_or_cut_snapshots_and_keeps_the_stream() ->
         for requests in ([hello, *forged], [hello, *beyond]):
             assert await raw_stream(a.address, requests) == grpc.StatusCode.INVALID_ARGUMENT
         assert stats.invalid_streams == 2 and stats.snapshots_received == 1
+
+    run(scenario)
+
+
+def test_a_stream_broken_mid_snapshot_drops_it_on_both_sides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunks = 256
+    data = b"d" * (chunks * TransportConfig().chunk_bytes)
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2)
+        await cluster.connected(1, 2)
+        a, b = cluster.nodes[1], cluster.nodes[2]
+        receive_chunk = b.transport._receive_chunk
+
+        def break_after_the_first_chunk(*args: Any) -> None:
+            receive_chunk(*args)
+            # Ends the stream at once: the receiver reads nothing more, so flow control holds
+            # the sender far from the last chunk until its writes fail.
+            raise CodecError("broken on purpose by the test")
+
+        monkeypatch.setattr(b.transport, "_receive_chunk", break_after_the_first_chunk)
+        a.transport.send(2, [(3, snapshot_to(2, 1, data))])
+        await a.recorder.until(
+            lambda: any(m.snapshot is not None for _, items in a.recorder.dropped for _, m in items)
+        )
+        assert a.transport.stats.snapshots_sent == 0
+        assert a.transport.stats.snapshot_chunks_sent < chunks
+        assert b.transport.stats.snapshot_chunks_received == 1
+        assert b.transport.stats.snapshots_discarded == 1
+        assert b.transport.stats.snapshots_received == 0
+        assert b.transport._budgets[1].used == 0
 
     run(scenario)
