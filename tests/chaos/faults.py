@@ -11,8 +11,11 @@ from a short-lived worker thread would be killed the moment that thread ends.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
+from chaos import metrics
 from chaos.history import History
 from chaos.proxy import CutMode, Proxy
 
@@ -52,6 +55,54 @@ class PeerLinks:
             proxy.stop()
 
 
+SNAPSHOTS_SENT = "kv_replication_snapshots_sent_total"
+INSTALLED = "kv_replication_snapshots_installed_total"
+SNAPSHOT_BYTES_RECEIVED = "kv_replication_snapshot_bytes_received_total"
+SNAPSHOT_BYTES_SENT = "kv_replication_snapshot_bytes_sent_total"
+
+
+def _summed(addresses: list[str]) -> dict[str, float]:
+    """The snapshot senders' counters, summed over the live nodes at ``addresses``."""
+    total = {SNAPSHOTS_SENT: 0.0, SNAPSHOT_BYTES_SENT: 0.0}
+    for address in addresses:
+        counters = metrics.scrape(address)
+        for name in total:
+            total[name] += counters.get(name, 0.0)
+    return total
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What it took a node that fell behind compaction to catch up."""
+
+    down_seconds: float
+    acked_while_down: int
+    ready_seconds: float
+    """From the restart until the node served (its health check)."""
+    installed_after: float | None
+    """From the node serving until its metrics showed a snapshot installed; None: never."""
+    installed: int
+    received: int
+    bytes_received: int
+    discarded: int
+    sent: int
+    """Snapshots the other nodes sent during the fault and the catch-up (to anyone)."""
+    bytes_sent: int
+
+    def by_snapshot(self, min_bytes: int = 0) -> bool:
+        return self.installed > 0 and self.bytes_received >= min_bytes
+
+    def describe(self) -> str:
+        after = "never" if self.installed_after is None else f"{self.installed_after:.2f}s"
+        return (
+            f"(down {self.down_seconds:.1f}s, {self.acked_while_down} writes acked; "
+            f"serving {self.ready_seconds:.1f}s after restart; snapshots: {self.received} "
+            f"received ({self.bytes_received} bytes), {self.installed} installed ({after} "
+            f"after serving), "
+            f"{self.discarded} discarded; {self.sent} sent, {self.bytes_sent} bytes)"
+        )
+
+
 class Faults:
     """The nemesis: each method is one fault, recorded into ``history``."""
 
@@ -80,6 +131,63 @@ class Faults:
             node.start()
             node.wait_ready()
             self.history.fault_ended(index)
+
+    def kill9_behind_compaction(
+        self,
+        node_id: str,
+        *,
+        acked_writes: int,
+        max_down: float,
+        catch_up_timeout: float,
+        while_down: Callable[[], None] = lambda: None,
+        min_bytes: int = 0,
+    ) -> CatchUp:
+        """kill -9, run ``while_down``, stay down until the load has ``acked_writes`` more
+        writes acknowledged (enough that the live replicas compact their logs past the dead
+        one's), restart on the same data, and wait until the node's metrics say it installed a
+        snapshot and received at least ``min_bytes`` of snapshot data.
+
+        What the catch-up took is returned and noted on the fault; whether it happened at all
+        is the caller's verdict (``CatchUp.by_snapshot``).
+        """
+        index = self.history.fault_started("kill -9 behind compaction + restart", node_id)
+        node = self.node(node_id)
+        others = [n.metrics for n in self.cluster.nodes.values() if n is not node and n.metrics]
+        sent_before = _summed(others)
+        acked_before = self.history.acked_writes
+        try:
+            node.kill()
+            down = time.monotonic()
+            while_down()
+            self.history.wait_for(acked_writes=acked_writes, timeout=max_down)
+        finally:
+            acked = self.history.acked_writes - acked_before
+            restarted = time.monotonic()
+            node.start()
+            node.wait_ready()
+            ready = time.monotonic() - restarted
+            self.history.fault_ended(index)
+        assert node.metrics is not None, "the harness gives every node a metrics endpoint"
+        counters, installed_after = metrics.wait_for(
+            node.metrics,
+            lambda c: c.get(INSTALLED, 0) > 0 and c.get(SNAPSHOT_BYTES_RECEIVED, 0) >= min_bytes,
+            timeout=catch_up_timeout,
+        )
+        sent = _summed(others)
+        catch_up = CatchUp(
+            down_seconds=restarted - down,
+            acked_while_down=acked,
+            ready_seconds=ready,
+            installed_after=installed_after,
+            installed=int(counters.get(INSTALLED, 0)),
+            received=int(counters.get("kv_replication_snapshots_received_total", 0)),
+            bytes_received=int(counters.get(SNAPSHOT_BYTES_RECEIVED, 0)),
+            discarded=int(counters.get("kv_replication_snapshots_discarded_total", 0)),
+            sent=int(sent[SNAPSHOTS_SENT] - sent_before[SNAPSHOTS_SENT]),
+            bytes_sent=int(sent[SNAPSHOT_BYTES_SENT] - sent_before[SNAPSHOT_BYTES_SENT]),
+        )
+        self.history.fault_note(index, catch_up.describe())
+        return catch_up
 
     def pause(self, node_id: str, seconds: float) -> None:
         """SIGSTOP for ``seconds``, then SIGCONT: the process keeps its sockets and state."""
@@ -133,4 +241,4 @@ class Faults:
                 node.resume()
 
 
-__all__ = ["Faults", "PeerLinks"]
+__all__ = ["CatchUp", "Faults", "PeerLinks"]

@@ -170,6 +170,16 @@ class History:
         with self._lock:
             self.faults[index] = replace(self.faults[index], end=now_ns())
 
+    def fault_note(self, index: int, note: str) -> None:
+        """Say what a fault achieved, once it is known (shown in the table)."""
+        with self._lock:
+            self.faults[index] = replace(self.faults[index], note=note)
+
+    @property
+    def acked_writes(self) -> int:
+        with self._lock:
+            return self._acked_writes
+
     def seconds(self, ns: int) -> float:
         """A history time as seconds since the history started."""
         return (ns - self.started) / 1e9

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -31,6 +32,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,7 +46,7 @@ from chaos.proxy import CutMode
 from chaos.report import fault_rows, render
 
 from harness import Cluster, run_node_command
-from kv_client import Client
+from kv_client import Client, KvError
 
 REPLICATION_FLAG = "--replication-factor"
 PEER_VIA_FLAG = "--peer-via"
@@ -66,6 +68,23 @@ DOWN_MAX = 3.0
 PAUSE_SECONDS = 3.0
 """SIGSTOP length: well above the longest election timeout (ELECTION_TIMEOUT_MAX)."""
 ISOLATE_SECONDS = 3.0
+COMPACT_FLAG = "--raft-compact-after"
+RAFT_COMPACT_AFTER = 10
+"""For the behind-compaction scenario: logs compact every 20 entries (keeping 10), so a node
+down for a few hundred writes is past every loaded group's log; the default (10,000 per
+group) would take minutes of load here."""
+BEHIND_ACKED_WRITES = 400
+"""Writes acknowledged while the node is down: about 60 per key, 3-6 compactions of every
+loaded group (the keys spread over most of the REPLICATED_PARTITIONS)."""
+BEHIND_MAX_DOWN = 10.0
+CATCH_UP_TIMEOUT = 15.0
+"""From the restarted node serving until its metrics must show a snapshot installed."""
+BULK_BYTES = 17 * 1024 * 1024
+"""Written into one partition the dead node hosts (and the load does not touch) while it is
+down, so that its catch-up includes a snapshot above the transport's 16 MiB message limit:
+only chunking can carry it."""
+BULK_VALUE_BYTES = 512 * 1024
+BULK_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -92,12 +111,45 @@ class Context:
     node_addresses: dict[str, str]
     deadline: float
     load: Load
+    problems: list[str]
+    """What the run must fail for besides the verdict (a fault that did not do its job)."""
 
     def over(self) -> bool:
         return time.monotonic() >= self.deadline or self.history.full or not self.load.running
 
     def gap(self) -> None:
         self.history.wait_for(acked_writes=GAP_ACKS, timeout=GAP_MAX)
+
+    def load_free_partitions(self) -> list[tuple[int, tuple[str, ...]]]:
+        """The partitions no load key is in, with their replicas."""
+        with Client(self.addresses) as kv:
+            used = {kv.locate(key).partition for key in self.keys}
+            placement = kv.cluster_map().placement
+            partitions = range(kv.cluster_map().partitions)
+            return [(p, placement.replicas(p)) for p in partitions if p not in used]
+
+    def fill(self, partition: int) -> None:
+        """Write ``BULK_BYTES`` into ``partition`` under keys of its own (not recorded: the
+        load never reads them). Puts of the same value are retried until they succeed."""
+        value = self.rng.randbytes(BULK_VALUE_BYTES)
+        deadline = time.monotonic() + BULK_TIMEOUT
+        with Client(self.addresses) as kv:
+            wanted = -(-BULK_BYTES // BULK_VALUE_BYTES)
+            chosen: list[str] = []
+            for i in itertools.count():
+                if kv.locate(f"bulk{i}").partition == partition:
+                    chosen.append(f"bulk{i}")
+                    if len(chosen) == wanted:
+                        break
+            for key in chosen:
+                while True:
+                    try:
+                        kv.put(key, value)
+                        break
+                    except KvError:
+                        if time.monotonic() > deadline:
+                            raise
+        print(f"   wrote {BULK_BYTES} bytes into partition {partition}", flush=True)
 
     def random_node(self) -> str:
         return self.rng.choice(self.node_ids)
@@ -155,6 +207,29 @@ def rolling_restart(ctx: Context) -> None:
         ctx.gap()
 
 
+def kill9_behind_compaction(ctx: Context) -> None:
+    bulk_partitions = ctx.load_free_partitions()
+    while not ctx.over():
+        node = ctx.random_node()
+        hosted = [p for p, replicas in bulk_partitions if node in replicas]
+        bulk = ctx.rng.choice(hosted) if hosted else None
+        catch_up = ctx.faults.kill9_behind_compaction(
+            node,
+            acked_writes=BEHIND_ACKED_WRITES,
+            max_down=BEHIND_MAX_DOWN,
+            catch_up_timeout=CATCH_UP_TIMEOUT,
+            while_down=(lambda: None) if bulk is None else partial(ctx.fill, bulk),
+            min_bytes=0 if bulk is None else BULK_BYTES,
+        )
+        print(f"   {node} behind compaction: {catch_up.describe()}", flush=True)
+        if not catch_up.by_snapshot(0 if bulk is None else BULK_BYTES):
+            ctx.problems.append(
+                f"{node} restarted after falling behind compaction but did not catch up by "
+                f"snapshot within {CATCH_UP_TIMEOUT:g}s {catch_up.describe()}"
+            )
+        ctx.gap()
+
+
 def isolate(mode: CutMode) -> Schedule:
     def schedule(ctx: Context) -> None:
         while not ctx.over():
@@ -173,6 +248,7 @@ class Scenario:
     what: str
     needs: tuple[str, ...] = ()  # kv-node flags it depends on
     peer_links: bool = False
+    extra: tuple[str, ...] = ()  # node flags of its own (replicated runs only)
 
     def node_args(self, stand_in: bool) -> list[str]:
         if self.replication_factor == 1 or stand_in:
@@ -184,6 +260,7 @@ class Scenario:
             str(REPLICATED_PARTITIONS),
             TICK_FLAG,
             str(RAFT_TICK_MS),
+            *self.extra,
         ]
 
 
@@ -201,6 +278,10 @@ def _replicated(nodes: int) -> list[Scenario]:
                  "blackhole one node's peer links, heal", links, peer_links=True),
         Scenario(f"rf3-rolling-restart-{nodes}n", nodes, 3, rolling_restart,
                  "SIGTERM + restart every node in turn", rf),
+        Scenario(f"rf3-behind-compaction-{nodes}n", nodes, 3, kill9_behind_compaction,
+                 "kill -9 a node until the others compact past it, restart: catch up by "
+                 "snapshot", (*rf, COMPACT_FLAG),
+                 extra=(COMPACT_FLAG, str(RAFT_COMPACT_AFTER))),
     ]  # fmt: skip
 
 
@@ -210,8 +291,9 @@ QUICK_SET = (
     "rf3-sigstop-leader-3n",
     "rf3-isolate-blackhole-5n",
     "rf3-rolling-restart-3n",
+    "rf3-behind-compaction-3n",
 )
-"""What a bare run (CI) covers: every fault kind once, 3 and 5 nodes, in about 1.5 minutes.
+"""What a bare run (CI) covers: every fault kind once, 3 and 5 nodes, in about 2 minutes.
 ``--all`` runs every scenario; ``--long`` runs every scenario for longer."""
 
 SCENARIOS: list[Scenario] = [
@@ -331,6 +413,7 @@ def run_scenario(
             {node_id: node.address for node_id, node in cluster.nodes.items()},
             time.monotonic() + budget.seconds,  # the schedule's time starts after the warmup
             load,
+            problems,
         )
         try:
             scenario.schedule(ctx)

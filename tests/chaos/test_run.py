@@ -68,3 +68,14 @@ def test_a_node_that_forgets_on_kill_9_fails_the_run(tmp_path: Path) -> None:
     assert len(outcome.table.splitlines()) > 3  # at least one fault row
     assert not outcome.ok
     assert outcome.verdict.linearizable is False, outcome.verdict.describe()
+
+
+def test_the_behind_compaction_scenario_lowers_the_bound_and_needs_the_flag() -> None:
+    behind = [s for s in run.SCENARIOS if s.schedule is run.kill9_behind_compaction]
+    assert {s.nodes for s in behind} == {3, 5}
+    assert "rf3-behind-compaction-3n" in run.QUICK_SET
+    for scenario in behind:
+        assert run.COMPACT_FLAG in scenario.needs
+        args = scenario.node_args(stand_in=False)
+        assert args[args.index(run.COMPACT_FLAG) + 1] == str(run.RAFT_COMPACT_AFTER)
+        assert run.COMPACT_FLAG not in scenario.node_args(stand_in=True)

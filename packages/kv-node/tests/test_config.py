@@ -10,6 +10,7 @@ import pytest
 import kv_node.main
 from kv_node.config import ConfigError, NodeConfig, parse_cluster
 from kv_node.main import EXIT_CONFIG, config_from_args, main, parser
+from kv_node.replication.runtime import DEFAULT_KEEP_AFTER_COMPACT
 from kv_node.testing import free_port
 
 CLUSTER = "a=127.0.0.1:7001,b=127.0.0.1:7002,c=127.0.0.1:7003"
@@ -88,6 +89,7 @@ def _build(**overrides: Any) -> NodeConfig:
         ({"replication_factor": 0}, "--replication-factor must be between 1 and"),
         ({"replication_factor": 8}, "--replication-factor must be between 1 and"),
         ({"raft_tick_ms": 5}, "--raft-tick-ms must be between"),
+        ({"raft_compact_after": 9}, "--raft-compact-after must be between 10 and"),
         ({"replication_factor": 3}, "--replication-factor 3 needs the lmdb engine"),
         ({"peer_via": "a=127.0.0.1:9"}, "--peer-via names 'a', which is not a peer"),
         ({"peer_via": "zz=127.0.0.1:9"}, "--peer-via names 'zz', which is not a peer"),
@@ -150,6 +152,12 @@ def test_the_memory_engine_in_a_cluster_says_to_ask_for_one_copy() -> None:
 
 def test_peer_via_names_where_to_dial_a_peer() -> None:
     assert _build(peer_via="b=127.0.0.1:9").peer_dial == {"b": "127.0.0.1:9"}
+
+
+def test_a_lower_compaction_bound_keeps_half_of_it_after_compacting() -> None:
+    assert _build().raft_keep_after_compact == DEFAULT_KEEP_AFTER_COMPACT
+    assert _build(raft_compact_after=60).raft_keep_after_compact == 30
+    assert _build(raft_compact_after=10).raft_keep_after_compact == 5
 
 
 def test_published_limits_are_the_configured_ones() -> None:

@@ -70,6 +70,7 @@ def test_compaction_and_snapshots_are_counted_where_they_happen(tmp_path: Path) 
         assert seen["kv_replication_proposals_total"] - proposals_before == writes
         assert seen["kv_replication_compactions_total"] == leader.runtime.stats.compactions > 0
         assert seen["kv_replication_snapshots_sent_total"] >= 1
+        assert seen["kv_replication_snapshot_bytes_sent_total"] > 0
         # The histogram saw every cycle since it was attached, and nothing else (a commit is
         # timed in its worker thread, the cycle counted once the loop resumes: a scrape in
         # between sees one more commit).
@@ -85,6 +86,8 @@ def test_compaction_and_snapshots_are_counted_where_they_happen(tmp_path: Path) 
         caught_up = samples(restarted_metrics)
         # Older snapshots that arrive late are ignored, so exactly one replaced the replica.
         assert caught_up["kv_replication_snapshots_installed_total"] == 1
+        assert caught_up["kv_replication_snapshots_received_total"] >= 1
+        assert caught_up["kv_replication_snapshots_discarded_total"] == 0
         assert caught_up["kv_replication_snapshots_sent_total"] == 0
 
     run(tmp_path, scenario, config=COMPACTING)

@@ -22,14 +22,15 @@ from kv.raft.v1 import raft_pb2
 from kv_common.cluster_map import ClusterMap, Member
 from kv_common.fingerprint import map_fingerprint
 from kv_node.replication import transport as transport_module
-from kv_node.replication.codec import encode_message
+from kv_node.replication.chunks import OutgoingSnapshot
+from kv_node.replication.codec import CodecError, encode_message
 from kv_node.replication.transport import (
     STREAM_METHOD,
     PeerTransport,
     TransportConfig,
     raft_node_ids,
 )
-from kv_raft import Entry, Message, MessageType
+from kv_raft import ConfState, Entry, Message, MessageType, Snapshot, SnapshotMeta
 
 EVENT_TIMEOUT = 10.0
 TEST_TIMEOUT = 60.0
@@ -668,3 +669,238 @@ def test_hostile_hellos_cannot_flood_logs_or_memory(caplog: pytest.LogCaptureFix
     lines = [r.getMessage() for r in caplog.records if "different cluster map" in r.getMessage()]
     assert len(lines) == 1  # the same (truncated) line each time: logged once
     assert len(lines[0]) < 4 * transport_module.MAX_SHOWN_CHARS
+
+
+# ---- snapshots, which travel in chunks
+
+
+def snapshot_to(to: int, frm: int, data: bytes, *, index: int = 5) -> Message:
+    meta = SnapshotMeta(index=index, term=1, conf_state=ConfState(voters=frozenset({1, 2})))
+    return Message(MessageType.SNAPSHOT, to=to, frm=frm, term=1, snapshot=Snapshot(meta, data))
+
+
+def test_a_snapshot_above_the_message_limit_travels_in_chunks_beside_other_groups() -> None:
+    size = transport_module.MAX_MESSAGE_BYTES + 1024 * 1024 + 7
+    data = bytes(range(256)) * (size // 256) + b"tail..."[: size % 256]
+    assert len(data) == size
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2)
+        await cluster.connected(1, 2)
+        a, b = cluster.nodes[1], cluster.nodes[2]
+        snapshot = snapshot_to(2, 1, data)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        a.transport.send(2, [(3, snapshot), (4, append(1, 2, 1))])
+        await b.recorder.until(lambda: received(b.recorder, 1, 2))
+        seconds = loop.time() - started
+        got = dict((group, m) for _, items in b.recorder.batches for group, m in items)
+        assert got[3] == snapshot and got[4] == append(1, 2, 1)
+        chunks = -(-size // TransportConfig().chunk_bytes)
+        assert (a.transport.stats.snapshots_sent, a.transport.stats.snapshot_chunks_sent) == (
+            1,
+            chunks,
+        )
+        assert a.transport.stats.snapshot_bytes_sent == size
+        assert a.transport.stats.messages_sent == 2
+        assert (
+            b.transport.stats.snapshots_received,
+            b.transport.stats.snapshot_chunks_received,
+        ) == (
+            1,
+            chunks,
+        )
+        assert b.transport.stats.messages_received == 2
+        assert b.transport.stats.snapshot_bytes_received == size
+        assert b.transport.stats.snapshots_discarded == 0 and not a.recorder.dropped
+        print(f"snapshot of {size} bytes in {chunks} chunks: {seconds:.3f}s")
+
+    run(scenario)
+
+
+class FakeCall:
+    """Stands in for the gRPC call in ``_pump``: records every request written, runs a hook
+    after each, and ends after ``writes`` writes."""
+
+    def __init__(self, writes: int, hook: Callable[[raft_pb2.StreamRequest], None]) -> None:
+        self.requests: list[raft_pb2.StreamRequest] = []
+        self._writes = writes
+        self._hook = hook
+
+    def done(self) -> bool:
+        return len(self.requests) >= self._writes
+
+    async def write(self, request: raft_pb2.StreamRequest) -> None:
+        self.requests.append(request)
+        self._hook(request)
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK
+
+
+def pump(
+    writes: int,
+    hook: Callable[[PeerTransport, raft_pb2.StreamRequest], None],
+    first: Items,
+    **config: Any,
+) -> tuple[list[raft_pb2.StreamRequest], PeerTransport, Recorder]:
+    """Run node 1's sender to node 2 over a FakeCall: ``first`` is sent before it starts."""
+    recorder = Recorder()
+    transport = PeerTransport(
+        1,
+        make_map([1, 2]),
+        recorder.on_batch,
+        recorder.on_peer_state,
+        on_dropped=recorder.on_dropped,
+        config=TransportConfig(**{**BASE_CONFIG, **config}),
+    )
+    link = transport._links[2]
+    call = FakeCall(writes, partial(hook, transport))
+
+    async def main() -> None:
+        transport._set_connected(link, True)
+        transport.send(2, first)
+        await transport._pump(link, call)  # type: ignore[arg-type]
+
+    asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT))
+    return call.requests, transport, recorder
+
+
+def kinds(requests: list[raft_pb2.StreamRequest]) -> str:
+    return "".join("C" if r.WhichOneof("kind") == "snapshot_chunk" else "B" for r in requests)
+
+
+def test_chunks_alternate_with_batches_so_other_groups_are_not_starved() -> None:
+    # Every frame written is followed by a new append for another group: a sender that sent
+    # the snapshot first would write all its chunks before any of them.
+    sent = [0]
+
+    def more_appends(transport: PeerTransport, request: raft_pb2.StreamRequest) -> None:
+        sent[0] += 1
+        transport.send(2, [(1, append(1, 2, sent[0], b"a"))])
+
+    requests, transport, _ = pump(
+        9, more_appends, [(0, snapshot_to(2, 1, b"s" * 40))], chunk_bytes=10
+    )
+    assert kinds(requests) == "CBCBCBCBB"
+    assert transport.stats.snapshots_sent == 1 and transport.stats.snapshot_chunks_sent == 4
+
+
+def test_one_snapshot_per_group_is_queued_and_the_one_on_the_wire_is_kept() -> None:
+    def on_first_chunk(transport: PeerTransport, request: raft_pb2.StreamRequest) -> None:
+        if request.snapshot_chunk.offset == 0 and request.snapshot_chunk.group_id == 0:
+            transport.send(2, [(0, snapshot_to(2, 1, b"n" * 30, index=9))])  # on the wire: no
+            transport.send(2, [(1, snapshot_to(2, 1, b"o" * 5))])  # another group: yes
+
+    requests, transport, recorder = pump(
+        4,
+        on_first_chunk,
+        # The first snapshot of group 0 is replaced by the second before either started.
+        [(0, snapshot_to(2, 1, b"x" * 30, index=5)), (0, snapshot_to(2, 1, b"y" * 30, index=6))],
+        chunk_bytes=10,
+    )
+    chunks = [r.snapshot_chunk for r in requests]
+    assert [(c.group_id, c.offset) for c in chunks] == [(0, 0), (0, 10), (0, 20), (1, 0)]
+    assert chunks[0].header.snapshot.meta.index == 6
+    dropped = [
+        (g, m.snapshot.meta.index) for _, items in recorder.dropped for g, m in items if m.snapshot
+    ]
+    assert dropped == [(0, 5), (0, 9)]
+    assert transport.stats.snapshots_sent == 2 and transport.stats.messages_dropped == 2
+
+
+def test_snapshots_beyond_the_sender_bounds_are_dropped() -> None:
+    requests, transport, recorder = pump(
+        3,
+        lambda transport, request: None,
+        [
+            (0, snapshot_to(2, 1, b"x" * 101)),  # above the limit: never sent
+            (1, snapshot_to(2, 1, b"x" * 60)),
+            (2, snapshot_to(2, 1, b"x" * 30)),
+            (3, snapshot_to(2, 1, b"x" * 30)),  # 120 bytes queued: over
+            (4, snapshot_to(2, 1, b"x" * 1)),  # a third snapshot: over the count
+        ],
+        chunk_bytes=1000,
+        max_reassembly_bytes=100,
+        max_queued_snapshots=2,
+    )
+    assert [r.snapshot_chunk.group_id for r in requests[:2]] == [1, 2]
+    assert kinds(requests) == "CCB"  # then a heartbeat
+    assert [g for _, items in recorder.dropped for g, _ in items] == [0, 3, 4]
+    assert transport.stats.snapshots_sent == 2
+
+
+def chunk_requests(group: int, message: Message, chunk_bytes: int) -> list[bytes]:
+    outgoing = OutgoingSnapshot(group, message, chunk_bytes)
+    requests = []
+    while not outgoing.done:
+        chunk = outgoing.next_chunk()
+        requests.append(raft_pb2.StreamRequest(snapshot_chunk=chunk).SerializeToString())
+    return requests
+
+
+def test_the_receiver_discards_broken_or_cut_snapshots_and_keeps_the_stream() -> None:
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 3)
+        a = cluster.nodes[1]
+        hello = hello_from(cluster, 3)
+        good = snapshot_to(1, 3, b"g" * 100)
+        chunks = chunk_requests(2, good, 30)
+        stats = a.transport.stats
+        # The stream ends after two of four chunks: the half snapshot is discarded.
+        assert await raw_stream(a.address, [hello, *chunks[:2]]) == grpc.StatusCode.OK
+        assert (stats.snapshots_discarded, stats.snapshots_received) == (1, 0)
+        # A gap costs the snapshot, not the stream: what follows on it still arrives.
+        gap = [hello, chunks[0], chunks[2], chunks[3], batch_of((0, append(3, 1, 7))), *chunks]
+        assert await raw_stream(a.address, gap) == grpc.StatusCode.OK
+        assert (stats.snapshots_discarded, stats.snapshots_received) == (2, 1)
+        assert [(g, m) for _, items in a.recorder.batches for g, m in items] == [
+            (0, append(3, 1, 7)),
+            (2, good),
+        ]
+        assert stats.invalid_streams == 0
+        assert a.transport._budgets[3].used == 0
+        # Chunks that name a group the map lacks, or a sender other than the stream's, are
+        # invalid content: the stream is refused, as for a Batch.
+        # (One chunk each: the refusal must come after the client's last write, or gRPC may
+        # report the cut-off write instead.)
+        forged = chunk_requests(2, snapshot_to(1, 2, b"f" * 10), 30)
+        beyond = chunk_requests(PARTITIONS, snapshot_to(1, 3, b"b" * 10), 30)
+        for requests in ([hello, *forged], [hello, *beyond]):
+            assert await raw_stream(a.address, requests) == grpc.StatusCode.INVALID_ARGUMENT
+        assert stats.invalid_streams == 2 and stats.snapshots_received == 1
+
+    run(scenario)
+
+
+def test_a_stream_broken_mid_snapshot_drops_it_on_both_sides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunks = 256
+    data = b"d" * (chunks * TransportConfig().chunk_bytes)
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2)
+        await cluster.connected(1, 2)
+        a, b = cluster.nodes[1], cluster.nodes[2]
+        receive_chunk = b.transport._receive_chunk
+
+        def break_after_the_first_chunk(*args: Any) -> None:
+            receive_chunk(*args)
+            # Ends the stream at once: the receiver reads nothing more, so flow control holds
+            # the sender far from the last chunk until its writes fail.
+            raise CodecError("broken on purpose by the test")
+
+        monkeypatch.setattr(b.transport, "_receive_chunk", break_after_the_first_chunk)
+        a.transport.send(2, [(3, snapshot_to(2, 1, data))])
+        await a.recorder.until(
+            lambda: any(m.snapshot is not None for _, items in a.recorder.dropped for _, m in items)
+        )
+        assert a.transport.stats.snapshots_sent == 0
+        assert a.transport.stats.snapshot_chunks_sent < chunks
+        assert b.transport.stats.snapshot_chunks_received == 1
+        assert b.transport.stats.snapshots_discarded == 1
+        assert b.transport.stats.snapshots_received == 0
+        assert b.transport._budgets[1].used == 0
+
+    run(scenario)

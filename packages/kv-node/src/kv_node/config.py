@@ -26,6 +26,7 @@ from kv_common.limits import (
     MAX_KEY_BYTES,
 )
 from kv_common.placement import DEFAULT_PARTITIONS, DEFAULT_VNODES
+from kv_node.replication.runtime import DEFAULT_COMPACT_AFTER, DEFAULT_KEEP_AFTER_COMPACT
 from kv_node.store.lmdb_store import DEFAULT_MAP_SIZE
 
 DEFAULT_FORWARD_TIMEOUT = 5.0
@@ -66,6 +67,10 @@ DEFAULT_RAFT_TICK_MS = 100
 MIN_RAFT_TICK_MS = 10
 MAX_RAFT_TICK_MS = 10_000
 """A tick below 10 ms would spend the node on timers; above 10 s failover takes minutes."""
+
+MIN_RAFT_COMPACT_AFTER = 10
+MAX_RAFT_COMPACT_AFTER = 100_000_000
+"""Below 10 entries nearly every write would compact; the ceiling only catches typos."""
 
 STATIC_EPOCH = 1
 """Membership is fixed at start in this version, so the map has a single epoch."""
@@ -228,6 +233,12 @@ class NodeConfig:
         "milliseconds per Raft tick (replication); elections take 10-20 ticks",
         parse=int,
     )
+    raft_compact_after: int = flag(
+        DEFAULT_COMPACT_AFTER,
+        "log entries a Raft group keeps before it compacts; a replica further behind "
+        "catches up by snapshot (lowered by tests that exercise that)",
+        parse=int,
+    )
     peer_via: str | None = flag(
         None,
         "dial these peers' Raft streams at another address (e.g. through a proxy), as "
@@ -296,6 +307,12 @@ class NodeConfig:
             ("--max-in-flight", self.max_in_flight, 1, 1_000_000),
             ("--replication-factor", self.replication_factor, 1, MAX_REPLICATION_FACTOR),
             ("--raft-tick-ms", self.raft_tick_ms, MIN_RAFT_TICK_MS, MAX_RAFT_TICK_MS),
+            (
+                "--raft-compact-after",
+                self.raft_compact_after,
+                MIN_RAFT_COMPACT_AFTER,
+                MAX_RAFT_COMPACT_AFTER,
+            ),
         ):
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
@@ -314,6 +331,12 @@ class NodeConfig:
     def replicated(self) -> bool:
         """Whether partitions are Raft groups (an effective replication factor above 1)."""
         return self.cluster_map.replication_factor > 1
+
+    @property
+    def raft_keep_after_compact(self) -> int:
+        """Applied entries a compaction keeps: the runtime's default, or half of a lower
+        ``--raft-compact-after`` (it must stay below it)."""
+        return min(DEFAULT_KEEP_AFTER_COMPACT, self.raft_compact_after // 2)
 
     @property
     def max_key_bytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -70,7 +71,11 @@ def replication_opener(config: NodeConfig) -> Callable[[], Replication]:
                 config.node_id,
                 config.cluster_map,
                 store,
-                ReplicationConfig.for_tick(config.raft_tick_ms / 1000, dial=config.peer_dial),
+                dataclasses.replace(
+                    ReplicationConfig.for_tick(config.raft_tick_ms / 1000, dial=config.peer_dial),
+                    compact_after=config.raft_compact_after,
+                    keep_after_compact=config.raft_keep_after_compact,
+                ),
             )
         except BaseException:
             store.close()

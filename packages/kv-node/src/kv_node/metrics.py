@@ -243,8 +243,30 @@ class ReplicationCollector(Collector):
         )
         yield CounterMetricFamily(
             "kv_replication_snapshots_sent",
-            "Snapshots of a whole partition sent to followers behind compaction.",
-            value=runtime.snapshots_sent,
+            "Snapshots of a whole partition sent to followers behind compaction "
+            "(counted when their last chunk is written).",
+            value=transport.snapshots_sent,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_snapshot_bytes_sent",
+            "Snapshot data written to peers' streams, in chunks.",
+            value=transport.snapshot_bytes_sent,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_snapshots_received",
+            "Snapshots reassembled whole from their chunks and handed to Raft.",
+            value=transport.snapshots_received,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_snapshot_bytes_received",
+            "Data of the snapshots reassembled whole from peers.",
+            value=transport.snapshot_bytes_received,
+        )
+        yield CounterMetricFamily(
+            "kv_replication_snapshots_discarded",
+            "Snapshots from a peer thrown away part-way (a broken chunk sequence, or the "
+            "stream ended); the leader sends another.",
+            value=transport.snapshots_discarded,
         )
         yield CounterMetricFamily(
             "kv_replication_snapshots_installed",

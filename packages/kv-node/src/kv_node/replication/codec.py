@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
@@ -37,8 +38,10 @@ __all__ = [
     "CodecError",
     "decode_batch",
     "decode_message",
+    "decode_snapshot_message",
     "encode_batch",
     "encode_message",
+    "encode_snapshot_header",
     "parse_request",
 ]
 
@@ -208,3 +211,28 @@ def parse_request(data: bytes) -> raft_pb2.StreamRequest:
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise CodecError(f"request does not parse: {exc}") from exc
     return request
+
+
+# ---- snapshots, which travel in chunks (kv_node.replication.chunks) rather than in a Batch
+
+
+def encode_snapshot_header(message: Message) -> raft_pb2.Message:
+    """A SNAPSHOT message as its first chunk carries it: everything but the snapshot's data,
+    which follows in chunks. Raises CodecError for anything but a message with a snapshot."""
+    if message.snapshot is None:
+        raise CodecError(f"a {message.type.name} message without a snapshot is not chunked")
+    header = encode_message(message)
+    header.snapshot.data = b""
+    return header
+
+
+def decode_snapshot_message(header: raft_pb2.Message, data: bytes) -> Message:
+    """The whole message again from its header and the reassembled data; CodecError when the
+    header is not a SNAPSHOT message with a snapshot and no data of its own."""
+    if header.type != _MESSAGE_TYPE_TO_PB[MessageType.SNAPSHOT]:
+        raise CodecError("a snapshot chunk's header is not a SNAPSHOT message")
+    if not header.HasField("snapshot") or header.snapshot.data:
+        raise CodecError("a snapshot chunk's header must carry a snapshot without its data")
+    message = decode_message(header)
+    assert message.snapshot is not None  # checked above
+    return replace(message, snapshot=replace(message.snapshot, data=data))

@@ -29,9 +29,22 @@ alive while frames from it arrive within ``dead_after``. ``on_peer_state(peer, a
 on every change; the runtime can wake quiet groups of a peer that died. All time comes from the
 event loop's clock, and every interval is a parameter so that tests run in milliseconds.
 
+Snapshots travel in chunks. A SNAPSHOT message carries a whole partition, so it never goes in
+a Batch: ``send`` puts it on a queue of its own, and the sender cuts it into ``SnapshotChunk``
+frames (``chunks.OutgoingSnapshot``), one snapshot at a time per peer, alternating with
+ordinary frames whenever both are waiting so that a long transfer delays other groups'
+heartbeats and appends by at most one chunk. The receiver reassembles per stream and group
+within a per-peer byte budget (``chunks.Reassembler``) and hands the runtime one complete
+message, as if it had come in a Batch. A snapshot that breaks the chunk protocol, or whose
+stream ends before its last chunk, is discarded, logged and counted; Raft sends another. The
+sender keeps one snapshot per group: a newer one replaces a queued one that has not started,
+and is dropped while one is on the wire (the leader would otherwise restart an ever-longer
+transfer every election timeout and never finish one).
+
 Bounds and deadlines. Queue (messages and bytes per peer), frame (messages and bytes), a single
-message (``MAX_MESSAGE_BYTES``; bigger snapshots must be chunked by the runtime), inbound request
-size, inbound streams. Connecting (channel ready + Hello answered) has a deadline, every write
+message in a Batch (``MAX_MESSAGE_BYTES``), snapshots (queued per peer, and bytes in
+reassembly per peer, which also caps one snapshot's size), inbound request size, inbound
+streams. Connecting (channel ready + Hello answered) has a deadline, every write
 has one, the receiver waits for a Hello and for each later frame with one. The stream itself has
 no gRPC deadline, because it is meant to live as long as both nodes do.
 
@@ -62,6 +75,14 @@ import grpc
 from kv.raft.v1 import raft_pb2, raft_pb2_grpc
 from kv_common.cluster_map import ClusterMap
 from kv_common.fingerprint import map_fingerprint
+from kv_node.replication.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_REASSEMBLY_BYTES,
+    OutgoingSnapshot,
+    Reassembler,
+    ReassemblyBudget,
+    SnapshotDiscarded,
+)
 from kv_node.replication.codec import CodecError, decode_batch, encode_message, parse_request
 from kv_raft import Message
 
@@ -103,8 +124,15 @@ MAX_FRAME_BYTES = 1024 * 1024
 """A frame closes at this many messages or bytes (whichever first). Well below gRPC's 4 MiB
 default message limit, and small enough that one frame does not hold a peer's stream for long."""
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-"""Largest single encoded Raft message carried (alone in its frame). Appends are capped far
-below this by kv_raft's ``max_size_per_msg``; a larger snapshot must be chunked by the caller."""
+"""Largest single encoded Raft message carried in a Batch (alone in its frame). Appends are
+capped far below this by kv_raft's ``max_size_per_msg``; snapshots do not count, they travel in
+chunks of ``DEFAULT_CHUNK_BYTES``."""
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+"""Largest ``chunk_bytes`` accepted: a chunk plus its header must stay far below a request."""
+MAX_QUEUED_SNAPSHOTS = 16
+"""Snapshots waiting per peer (one per group). After a long outage every group of a peer may
+need one; beyond this many the rest are dropped and their leaders send them again later,
+rather than every snapshot being built in memory at once."""
 MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES + 64 * 1024
 """Largest inbound request accepted (one maximal message plus framing)."""
 INBOUND_STREAMS_PER_PEER = 2
@@ -156,6 +184,18 @@ class TransportStats:
     """Inbound streams refused for invalid content (no Hello first, bad bytes, bad ids)."""
     inbound_streams_refused: int = 0
     """Inbound streams refused because too many were open."""
+    snapshots_sent: int = 0
+    """Snapshot messages whose last chunk was written (each also counts in messages_sent)."""
+    snapshot_chunks_sent: int = 0
+    snapshot_bytes_sent: int = 0
+    """Snapshot data written, in chunks (a snapshot cut short by a broken stream included)."""
+    snapshots_received: int = 0
+    """Snapshot messages reassembled whole and handed on (also counted in messages_received)."""
+    snapshot_bytes_received: int = 0
+    """Data of the snapshots reassembled whole."""
+    snapshot_chunks_received: int = 0
+    snapshots_discarded: int = 0
+    """Inbound snapshots thrown away part-way: the chunk protocol broken, or the stream ended."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +215,11 @@ class TransportConfig:
     max_queue_bytes: int = MAX_QUEUE_BYTES
     max_frame_messages: int = MAX_FRAME_MESSAGES
     max_frame_bytes: int = MAX_FRAME_BYTES
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_queued_snapshots: int = MAX_QUEUED_SNAPSHOTS
+    max_reassembly_bytes: int = DEFAULT_MAX_REASSEMBLY_BYTES
+    """Per peer, as receiver: snapshot bytes being reassembled. As sender: the largest snapshot
+    sent at all, and the bytes of snapshots queued (beyond the one in flight)."""
 
     def validate(self) -> None:
         if not 0 < self.heartbeat_interval < self.dead_after:
@@ -187,6 +232,10 @@ class TransportConfig:
             raise ValueError("message bounds must be positive")
         if not 0 < self.max_frame_bytes <= MAX_REQUEST_BYTES:
             raise ValueError(f"max_frame_bytes must be in 1..{MAX_REQUEST_BYTES}")
+        if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}")
+        if min(self.max_queued_snapshots, self.max_reassembly_bytes) <= 0:
+            raise ValueError("snapshot bounds must be positive")
 
 
 def _approximate_size(message: Message) -> int:
@@ -216,7 +265,13 @@ class _Link:
     address: str
     queue: deque[tuple[int, Message]]
     wakeup: asyncio.Event
+    snapshots: deque[OutgoingSnapshot]
     queued_bytes: int = 0
+    snapshot_bytes: int = 0
+    """Data of the snapshots queued (the one on the wire included)."""
+    chunk_turn: bool = False
+    """Whether the next frame is a chunk when both a Batch and a chunk are waiting."""
+    snapshot_started: float = 0.0
     connected: bool = False
     last_refusal: str = ""
     channel: grpc.aio.Channel | None = None
@@ -287,9 +342,13 @@ class PeerTransport:
                 (dial or {}).get(member_id) or cluster_map.address_of(member_id),
                 deque(),
                 asyncio.Event(),
+                deque(),
             )
             for peer, member_id in members.items()
             if peer != node_id
+        }
+        self._budgets = {
+            peer: ReassemblyBudget(self.config.max_reassembly_bytes) for peer in self._links
         }
         self._last_seen: dict[int, float] = {}
         self._alive: set[int] = set()
@@ -357,6 +416,13 @@ class PeerTransport:
         if not link.connected or self._closed:
             self._drop(link, items)
             return
+        if any(message.snapshot is not None for _, message in items):
+            for group, message in items:
+                if message.snapshot is not None:
+                    self._queue_snapshot(link, group, message)
+            items = [item for item in items if item[1].snapshot is None]
+            if not items:
+                return
         room = self.config.max_queue_messages - len(link.queue)
         accepted = 0
         for _, message in items[:room]:
@@ -393,9 +459,57 @@ class PeerTransport:
 
     def _drop_queue(self, link: _Link) -> None:
         dropped = list(link.queue)
+        dropped += [(s.group, s.message) for s in link.snapshots]
         link.queue.clear()
         link.queued_bytes = 0
+        link.snapshots.clear()
+        link.snapshot_bytes = 0
         self._drop(link, dropped)
+
+    def _queue_snapshot(self, link: _Link, group: int, message: Message) -> None:
+        """Queue a SNAPSHOT message to go out in chunks, one snapshot per group (see the module
+        docstring); drop it, or the one it replaces, with a reason in the log."""
+        assert message.snapshot is not None
+        size = len(message.snapshot.data)
+        for queued in link.snapshots:
+            if queued.group != group:
+                continue
+            if queued.started:
+                log.debug(
+                    "group %d: a snapshot to %s is on the wire already", group, link.member_id
+                )
+                self._drop(link, [(group, message)])
+                return
+            link.snapshots.remove(queued)
+            link.snapshot_bytes -= queued.size
+            self._drop(link, [(group, queued.message)])  # replaced by the newer one
+            break
+        limit = self.config.max_reassembly_bytes
+        if size > limit:
+            log.error(
+                "dropping a %d-byte snapshot of group %d for %s: above the %d-byte limit",
+                size,
+                group,
+                link.member_id,
+                limit,
+            )
+            self._drop(link, [(group, message)])
+            return
+        full = len(link.snapshots) >= self.config.max_queued_snapshots or (
+            link.snapshots and link.snapshot_bytes + size > limit
+        )
+        if full:
+            self._drop(link, [(group, message)])
+            return
+        try:
+            outgoing = OutgoingSnapshot(group, message, self.config.chunk_bytes)
+        except CodecError as exc:
+            log.error("dropping a snapshot for group %d we cannot encode: %s", group, exc)
+            self._drop(link, [(group, message)])
+            return
+        link.snapshots.append(outgoing)
+        link.snapshot_bytes += size
+        link.wakeup.set()
 
     def _set_connected(self, link: _Link, connected: bool) -> None:
         if link.connected == connected:
@@ -476,13 +590,18 @@ class PeerTransport:
     async def _pump(self, link: _Link, call: _Call) -> None:
         """Send what is queued, or a heartbeat when idle, until the call ends."""
         while not call.done():
-            if not link.queue:
+            if not link.queue and not link.snapshots:
                 link.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.config.heartbeat_interval):
                         await link.wakeup.wait()
                 if call.done():
                     break
+            if link.snapshots and (link.chunk_turn or not link.queue):
+                link.chunk_turn = False
+                await self._send_chunk(link, call)
+                continue
+            link.chunk_turn = True
             request, count = self._take_frame(link)
             try:
                 async with asyncio.timeout(self.config.write_timeout):
@@ -497,6 +616,34 @@ class PeerTransport:
         code = await self._await_status(call)
         log.info(
             "stream to %s at %s ended by the peer: %s", link.member_id, link.address, code.name
+        )
+
+    async def _send_chunk(self, link: _Link, call: _Call) -> None:
+        """Write the next chunk of the first queued snapshot. If the write fails, the snapshot
+        stays queued and is dropped with the rest when the link goes down."""
+        snapshot = link.snapshots[0]
+        loop = asyncio.get_running_loop()
+        if not snapshot.started:
+            link.snapshot_started = loop.time()
+        chunk = snapshot.next_chunk()
+        async with asyncio.timeout(self.config.write_timeout):
+            await call.write(raft_pb2.StreamRequest(snapshot_chunk=chunk))
+        self.stats.frames_sent += 1
+        self.stats.snapshot_chunks_sent += 1
+        self.stats.snapshot_bytes_sent += len(chunk.data)
+        if not snapshot.done:
+            return
+        link.snapshots.popleft()
+        link.snapshot_bytes -= snapshot.size
+        self.stats.snapshots_sent += 1
+        self.stats.messages_sent += 1
+        log.info(
+            "sent a snapshot of group %d to %s: %d bytes in %d chunks, %.3fs",
+            snapshot.group,
+            link.member_id,
+            snapshot.size,
+            snapshot.chunks_sent,
+            loop.time() - link.snapshot_started,
         )
 
     def _take_frame(self, link: _Link) -> tuple[raft_pb2.StreamRequest, int]:
@@ -632,14 +779,32 @@ class PeerTransport:
             )
         self._refusals_logged.pop(peer, None)
         self._frame_from(peer)
+        reassembler = Reassembler(self._budgets[peer])
+        try:
+            await self._receive_frames(context, peer, reassembler)
+        finally:
+            discarded = reassembler.discard_all()
+            if discarded:
+                self.stats.snapshots_discarded += discarded
+                log.warning(
+                    "discarded %d snapshot(s) from %s part-way: the stream ended",
+                    discarded,
+                    self._members[peer],
+                )
+
+    async def _receive_frames(self, context: _Context, peer: int, reassembler: Reassembler) -> None:
         idle_timeout = self.config.dead_after * IDLE_STREAM_FACTOR
         while not self._closed:
             data = await self._read(context, idle_timeout)
             if data is None or self._closed:
                 return
             request = parse_request(data)
-            if request.WhichOneof("kind") != "batch":
-                raise CodecError("a second Hello on one stream")
+            kind = request.WhichOneof("kind")
+            if kind == "snapshot_chunk":
+                self._receive_chunk(peer, reassembler, request.snapshot_chunk)
+                continue
+            if kind != "batch":
+                raise CodecError("a second Hello on one stream" if kind else "an empty request")
             items = decode_batch(request.batch)
             for group, message in items:
                 if group >= self._partitions:
@@ -654,6 +819,43 @@ class PeerTransport:
             self._frame_from(peer)
             if items:
                 _call_back(self._on_batch, peer, items)
+
+    def _receive_chunk(
+        self, peer: int, reassembler: Reassembler, chunk: raft_pb2.SnapshotChunk
+    ) -> None:
+        """Feed one chunk; hand on the message it completes. A chunk that breaks the protocol
+        costs its snapshot, not the stream; one naming a group or nodes the stream cannot
+        carry is invalid content like any other (``CodecError``)."""
+        if chunk.group_id >= self._partitions:
+            raise CodecError(f"group {chunk.group_id} (the map has {self._partitions})")
+        self.stats.frames_received += 1
+        self.stats.snapshot_chunks_received += 1
+        self._frame_from(peer)
+        try:
+            done = reassembler.feed(chunk)
+        except SnapshotDiscarded as exc:
+            self.stats.snapshots_discarded += 1
+            log.warning("discarded a snapshot from %s: %s", self._members[peer], exc)
+            return
+        if done is None:
+            return
+        group, message = done
+        if message.frm != peer or message.to != self.node_id:
+            raise CodecError(
+                f"a snapshot from {message.frm} to {message.to} on the stream from "
+                f"{peer} to {self.node_id}"
+            )
+        assert message.snapshot is not None
+        self.stats.snapshots_received += 1
+        self.stats.snapshot_bytes_received += len(message.snapshot.data)
+        self.stats.messages_received += 1
+        log.info(
+            "received a snapshot of group %d from %s: %d bytes",
+            group,
+            self._members[peer],
+            len(message.snapshot.data),
+        )
+        _call_back(self._on_batch, peer, [(group, message)])
 
     # ---- liveness
 

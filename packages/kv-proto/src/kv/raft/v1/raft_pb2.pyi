@@ -85,25 +85,31 @@ class StreamRequest(_message.Message):
 
     HELLO_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_CHUNK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """Only as the first request of a stream."""
 
     @_builtins.property
     def batch(self) -> Global___Batch:
-        """Every request after the first."""
+        """Every request after the first: messages without a snapshot..."""
+
+    @_builtins.property
+    def snapshot_chunk(self) -> Global___SnapshotChunk:
+        """...or one piece of a message that carries a snapshot."""
 
     def __init__(
         self,
         *,
         hello: Global___Hello | None = ...,
         batch: Global___Batch | None = ...,
+        snapshot_chunk: Global___SnapshotChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "hello", b"hello", "kind", b"kind", "snapshot_chunk", b"snapshot_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "hello", b"hello", "kind", b"kind", "snapshot_chunk", b"snapshot_chunk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "batch", "snapshot_chunk"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -216,6 +222,67 @@ class GroupMessage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GroupMessage: _TypeAlias = GroupMessage  # noqa: Y015
+
+@_typing.final
+class SnapshotChunk(_message.Message):
+    """SnapshotChunk is one piece of a SNAPSHOT message. A snapshot holds a whole
+    partition, which may be far larger than one request may be, so the sender
+    cuts the snapshot's data into chunks sent in order on one stream, between
+    the Batches of other groups. The receiver puts the pieces back together and
+    hands one complete Message to Raft; a chunk out of order, a size or checksum
+    that does not match, or the stream ending discards the whole snapshot (Raft
+    sends a new one later). Chunks of one group's snapshot are never interleaved
+    with chunks of another snapshot for the same group.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
+    group_id: _builtins.int
+    """The Raft group, that is the partition number."""
+    offset: _builtins.int
+    """Where data starts in the snapshot's data; chunks follow each other with
+    no gap and no overlap.
+    """
+    data: _builtins.bytes
+    last: _builtins.bool
+    """Set on the chunk that ends the snapshot."""
+    total_size: _builtins.int
+    """Length of the snapshot's whole data: in the first chunk only."""
+    checksum: _builtins.int
+    """CRC-32 (zlib's) of the snapshot's whole data: in the last chunk only (both
+    sides compute it chunk by chunk).
+    """
+    @_builtins.property
+    def header(self) -> Global___Message:
+        """The SNAPSHOT message with its snapshot's data left empty: in the first
+        chunk (offset 0) only.
+        """
+
+    def __init__(
+        self,
+        *,
+        group_id: _builtins.int = ...,
+        header: Global___Message | None = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
+        total_size: _builtins.int = ...,
+        checksum: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "data", b"data", "group_id", b"group_id", "header", b"header", "last", b"last", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
 
 @_typing.final
 class Entry(_message.Message):

@@ -56,7 +56,8 @@ class RaftTransportServiceServicer:
         """Stream opens with a Hello from the sender, answered by the receiver's own
         Hello. A receiver whose cluster map fingerprint differs ends the call with
         FAILED_PRECONDITION; otherwise every later request is a Batch (an empty
-        Batch is a liveness heartbeat) and the receiver sends nothing more.
+        Batch is a liveness heartbeat) or a SnapshotChunk, and the receiver sends
+        nothing more.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,7 +51,8 @@ class RaftTransportServiceStub:
     """Stream opens with a Hello from the sender, answered by the receiver's own
     Hello. A receiver whose cluster map fingerprint differs ends the call with
     FAILED_PRECONDITION; otherwise every later request is a Batch (an empty
-    Batch is a liveness heartbeat) and the receiver sends nothing more.
+    Batch is a liveness heartbeat) or a SnapshotChunk, and the receiver sends
+    nothing more.
     """
 
 @_typing.type_check_only
@@ -67,7 +68,8 @@ class RaftTransportServiceAsyncStub(RaftTransportServiceStub):
     """Stream opens with a Hello from the sender, answered by the receiver's own
     Hello. A receiver whose cluster map fingerprint differs ends the call with
     FAILED_PRECONDITION; otherwise every later request is a Batch (an empty
-    Batch is a liveness heartbeat) and the receiver sends nothing more.
+    Batch is a liveness heartbeat) or a SnapshotChunk, and the receiver sends
+    nothing more.
     """
 
 class RaftTransportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -86,7 +88,8 @@ class RaftTransportServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stream opens with a Hello from the sender, answered by the receiver's own
         Hello. A receiver whose cluster map fingerprint differs ends the call with
         FAILED_PRECONDITION; otherwise every later request is a Batch (an empty
-        Batch is a liveness heartbeat) and the receiver sends nothing more.
+        Batch is a liveness heartbeat) or a SnapshotChunk, and the receiver sends
+        nothing more.
         """
 
 def add_RaftTransportServiceServicer_to_server(servicer: RaftTransportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
