@@ -334,6 +334,27 @@ def test_reconnects_after_the_peer_restarts() -> None:
     run(scenario)
 
 
+def test_a_peer_restarted_faster_than_dead_after_is_reported_dead_then_alive() -> None:
+    """A restart inside ``dead_after`` leaves no silence to notice; the new incarnation in the
+    restarted peer's Hello is what tells the others (so its groups elect again at once)."""
+
+    async def scenario(stack: AsyncExitStack) -> None:
+        cluster = await cluster_of(stack, 2, dead_after=30.0, heartbeat_interval=0.05)
+        await cluster.connected(1, 2)
+        a = cluster.nodes[1]
+        first = cluster.nodes[2].transport.incarnation
+        assert a.recorder.peer_states == [(2, True)]
+        await cluster.stop(2)
+        b = await cluster.start(2)
+        assert b.transport.incarnation not in (0, first)
+        await a.recorder.until(lambda: a.recorder.peer_states[-2:] == [(2, False), (2, True)])
+        assert a.recorder.peer_states == [(2, True), (2, False), (2, True)]
+        assert a.transport.stats.peer_restarts == 1
+        assert a.transport.alive(2)
+
+    run(scenario)
+
+
 def test_a_different_map_is_refused_on_both_sides(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="kv_node.replication.transport")
 

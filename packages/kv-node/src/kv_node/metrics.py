@@ -269,6 +269,11 @@ class ReplicationCollector(Collector):
             value=transport.snapshots_discarded,
         )
         yield CounterMetricFamily(
+            "kv_replication_peer_restarts",
+            "Peers seen to have restarted (a new incarnation in their Hello), dead or not.",
+            value=transport.peer_restarts,
+        )
+        yield CounterMetricFamily(
             "kv_replication_snapshots_installed",
             "Snapshots received from a leader and installed over a replica.",
             value=replication.store.snapshots_installed,

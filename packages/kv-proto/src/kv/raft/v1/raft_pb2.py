@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kv/raft/v1/raft.proto\x12\nkv.raft.v1\"\x94\x01\n\rStreamRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.kv.raft.v1.HelloH\x00\x12\"\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x11.kv.raft.v1.BatchH\x00\x12\x33\n\x0esnapshot_chunk\x18\x03 \x01(\x0b\x32\x19.kv.raft.v1.SnapshotChunkH\x00\x42\x06\n\x04kind\"2\n\x0eStreamResponse\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x11.kv.raft.v1.Hello\"n\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x17\n\x0fmap_fingerprint\x18\x03 \x01(\x0c\x12\x17\n\x0fmap_description\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\"3\n\x05\x42\x61tch\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.kv.raft.v1.GroupMessage\"F\n\x0cGroupMessage\x12\x10\n\x08group_id\x18\x01 \x01(\x04\x12$\n\x07message\x18\x02 \x01(\x0b\x32\x13.kv.raft.v1.Message\"\x98\x01\n\rSnapshotChunk\x12\x10\n\x08group_id\x18\x01 \x01(\x04\x12#\n\x06header\x18\x02 \x01(\x0b\x32\x13.kv.raft.v1.Message\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x12\n\ntotal_size\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\"W\n\x05\x45ntry\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12#\n\x04type\x18\x03 \x01(\x0e\x32\x15.kv.raft.v1.EntryType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"-\n\tConfState\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x10\n\x08learners\x18\x02 \x03(\x04\"V\n\x0cSnapshotMeta\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12)\n\nconf_state\x18\x03 \x01(\x0b\x32\x15.kv.raft.v1.ConfState\"@\n\x08Snapshot\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.kv.raft.v1.SnapshotMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8a\x02\n\x07Message\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.kv.raft.v1.MessageType\x12\n\n\x02to\x18\x02 \x01(\x04\x12\x0b\n\x03\x66rm\x18\x03 \x01(\x04\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x10\n\x08log_term\x18\x05 \x01(\x04\x12\r\n\x05index\x18\x06 \x01(\x04\x12\"\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x11.kv.raft.v1.Entry\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x04\x12\x0e\n\x06reject\x18\t \x01(\x08\x12\x13\n\x0breject_hint\x18\n \x01(\x04\x12&\n\x08snapshot\x18\x0b \x01(\x0b\x32\x14.kv.raft.v1.Snapshot\x12\x0f\n\x07\x63ontext\x18\x0c \x01(\x0c*Z\n\tEntryType\x12\x1a\n\x16\x45NTRY_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NTRY_TYPE_NORMAL\x10\x01\x12\x1a\n\x16\x45NTRY_TYPE_CONF_CHANGE\x10\x02*\xc6\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13MESSAGE_TYPE_APPEND\x10\x01\x12\x1c\n\x18MESSAGE_TYPE_APPEND_RESP\x10\x02\x12\x15\n\x11MESSAGE_TYPE_VOTE\x10\x03\x12\x1a\n\x16MESSAGE_TYPE_VOTE_RESP\x10\x04\x12\x19\n\x15MESSAGE_TYPE_PRE_VOTE\x10\x05\x12\x1e\n\x1aMESSAGE_TYPE_PRE_VOTE_RESP\x10\x06\x12\x1a\n\x16MESSAGE_TYPE_HEARTBEAT\x10\x07\x12\x1f\n\x1bMESSAGE_TYPE_HEARTBEAT_RESP\x10\x08\x12\x19\n\x15MESSAGE_TYPE_SNAPSHOT\x10\t\x12\x1c\n\x18MESSAGE_TYPE_TIMEOUT_NOW\x10\n2[\n\x14RaftTransportService\x12\x43\n\x06Stream\x12\x19.kv.raft.v1.StreamRequest\x1a\x1a.kv.raft.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kv/raft/v1/raft.proto\x12\nkv.raft.v1\"\x94\x01\n\rStreamRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.kv.raft.v1.HelloH\x00\x12\"\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x11.kv.raft.v1.BatchH\x00\x12\x33\n\x0esnapshot_chunk\x18\x03 \x01(\x0b\x32\x19.kv.raft.v1.SnapshotChunkH\x00\x42\x06\n\x04kind\"2\n\x0eStreamResponse\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x11.kv.raft.v1.Hello\"\x83\x01\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\x04\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x17\n\x0fmap_fingerprint\x18\x03 \x01(\x0c\x12\x17\n\x0fmap_description\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x13\n\x0bincarnation\x18\x06 \x01(\x04\"3\n\x05\x42\x61tch\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.kv.raft.v1.GroupMessage\"F\n\x0cGroupMessage\x12\x10\n\x08group_id\x18\x01 \x01(\x04\x12$\n\x07message\x18\x02 \x01(\x0b\x32\x13.kv.raft.v1.Message\"\x98\x01\n\rSnapshotChunk\x12\x10\n\x08group_id\x18\x01 \x01(\x04\x12#\n\x06header\x18\x02 \x01(\x0b\x32\x13.kv.raft.v1.Message\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x12\n\ntotal_size\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\r\"W\n\x05\x45ntry\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12#\n\x04type\x18\x03 \x01(\x0e\x32\x15.kv.raft.v1.EntryType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"-\n\tConfState\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x10\n\x08learners\x18\x02 \x03(\x04\"V\n\x0cSnapshotMeta\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12)\n\nconf_state\x18\x03 \x01(\x0b\x32\x15.kv.raft.v1.ConfState\"@\n\x08Snapshot\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.kv.raft.v1.SnapshotMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8a\x02\n\x07Message\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.kv.raft.v1.MessageType\x12\n\n\x02to\x18\x02 \x01(\x04\x12\x0b\n\x03\x66rm\x18\x03 \x01(\x04\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x10\n\x08log_term\x18\x05 \x01(\x04\x12\r\n\x05index\x18\x06 \x01(\x04\x12\"\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x11.kv.raft.v1.Entry\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x04\x12\x0e\n\x06reject\x18\t \x01(\x08\x12\x13\n\x0breject_hint\x18\n \x01(\x04\x12&\n\x08snapshot\x18\x0b \x01(\x0b\x32\x14.kv.raft.v1.Snapshot\x12\x0f\n\x07\x63ontext\x18\x0c \x01(\x0c*Z\n\tEntryType\x12\x1a\n\x16\x45NTRY_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NTRY_TYPE_NORMAL\x10\x01\x12\x1a\n\x16\x45NTRY_TYPE_CONF_CHANGE\x10\x02*\xc6\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13MESSAGE_TYPE_APPEND\x10\x01\x12\x1c\n\x18MESSAGE_TYPE_APPEND_RESP\x10\x02\x12\x15\n\x11MESSAGE_TYPE_VOTE\x10\x03\x12\x1a\n\x16MESSAGE_TYPE_VOTE_RESP\x10\x04\x12\x19\n\x15MESSAGE_TYPE_PRE_VOTE\x10\x05\x12\x1e\n\x1aMESSAGE_TYPE_PRE_VOTE_RESP\x10\x06\x12\x1a\n\x16MESSAGE_TYPE_HEARTBEAT\x10\x07\x12\x1f\n\x1bMESSAGE_TYPE_HEARTBEAT_RESP\x10\x08\x12\x19\n\x15MESSAGE_TYPE_SNAPSHOT\x10\t\x12\x1c\n\x18MESSAGE_TYPE_TIMEOUT_NOW\x10\n2[\n\x14RaftTransportService\x12\x43\n\x06Stream\x12\x19.kv.raft.v1.StreamRequest\x1a\x1a.kv.raft.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv.raft.v1.raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYTYPE']._serialized_start=1191
-  _globals['_ENTRYTYPE']._serialized_end=1281
-  _globals['_MESSAGETYPE']._serialized_start=1284
-  _globals['_MESSAGETYPE']._serialized_end=1610
+  _globals['_ENTRYTYPE']._serialized_start=1213
+  _globals['_ENTRYTYPE']._serialized_end=1303
+  _globals['_MESSAGETYPE']._serialized_start=1306
+  _globals['_MESSAGETYPE']._serialized_end=1632
   _globals['_STREAMREQUEST']._serialized_start=38
   _globals['_STREAMREQUEST']._serialized_end=186
   _globals['_STREAMRESPONSE']._serialized_start=188
   _globals['_STREAMRESPONSE']._serialized_end=238
-  _globals['_HELLO']._serialized_start=240
-  _globals['_HELLO']._serialized_end=350
-  _globals['_BATCH']._serialized_start=352
-  _globals['_BATCH']._serialized_end=403
-  _globals['_GROUPMESSAGE']._serialized_start=405
-  _globals['_GROUPMESSAGE']._serialized_end=475
-  _globals['_SNAPSHOTCHUNK']._serialized_start=478
-  _globals['_SNAPSHOTCHUNK']._serialized_end=630
-  _globals['_ENTRY']._serialized_start=632
-  _globals['_ENTRY']._serialized_end=719
-  _globals['_CONFSTATE']._serialized_start=721
-  _globals['_CONFSTATE']._serialized_end=766
-  _globals['_SNAPSHOTMETA']._serialized_start=768
-  _globals['_SNAPSHOTMETA']._serialized_end=854
-  _globals['_SNAPSHOT']._serialized_start=856
-  _globals['_SNAPSHOT']._serialized_end=920
-  _globals['_MESSAGE']._serialized_start=923
-  _globals['_MESSAGE']._serialized_end=1189
-  _globals['_RAFTTRANSPORTSERVICE']._serialized_start=1612
-  _globals['_RAFTTRANSPORTSERVICE']._serialized_end=1703
+  _globals['_HELLO']._serialized_start=241
+  _globals['_HELLO']._serialized_end=372
+  _globals['_BATCH']._serialized_start=374
+  _globals['_BATCH']._serialized_end=425
+  _globals['_GROUPMESSAGE']._serialized_start=427
+  _globals['_GROUPMESSAGE']._serialized_end=497
+  _globals['_SNAPSHOTCHUNK']._serialized_start=500
+  _globals['_SNAPSHOTCHUNK']._serialized_end=652
+  _globals['_ENTRY']._serialized_start=654
+  _globals['_ENTRY']._serialized_end=741
+  _globals['_CONFSTATE']._serialized_start=743
+  _globals['_CONFSTATE']._serialized_end=788
+  _globals['_SNAPSHOTMETA']._serialized_start=790
+  _globals['_SNAPSHOTMETA']._serialized_end=876
+  _globals['_SNAPSHOT']._serialized_start=878
+  _globals['_SNAPSHOT']._serialized_end=942
+  _globals['_MESSAGE']._serialized_start=945
+  _globals['_MESSAGE']._serialized_end=1211
+  _globals['_RAFTTRANSPORTSERVICE']._serialized_start=1634
+  _globals['_RAFTTRANSPORTSERVICE']._serialized_end=1725
 # @@protoc_insertion_point(module_scope)

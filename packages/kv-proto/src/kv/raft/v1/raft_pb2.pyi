@@ -148,6 +148,7 @@ class Hello(_message.Message):
     MAP_FINGERPRINT_FIELD_NUMBER: _builtins.int
     MAP_DESCRIPTION_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.int
     """Raft node id of the node that sends this Hello."""
     member_id: _builtins.str
@@ -158,6 +159,10 @@ class Hello(_message.Message):
     """What the fingerprint covers, for the line that reports a mismatch."""
     address: _builtins.str
     """host:port the sender serves on, as its own map lists it (for logs too)."""
+    incarnation: _builtins.int
+    """Chosen at random when the sender's process started (never 0): a new value
+    means the peer restarted, however quickly, and lost its volatile state.
+    """
     def __init__(
         self,
         *,
@@ -166,10 +171,11 @@ class Hello(_message.Message):
         map_fingerprint: _builtins.bytes = ...,
         map_description: _builtins.str = ...,
         address: _builtins.str = ...,
+        incarnation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "map_description", b"map_description", "map_fingerprint", b"map_fingerprint", "member_id", b"member_id", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "incarnation", b"incarnation", "map_description", b"map_description", "map_fingerprint", b"map_fingerprint", "member_id", b"member_id", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
