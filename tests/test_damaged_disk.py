@@ -23,7 +23,13 @@ from harness import Cluster, NodeProcess, run_node_command
 from kv_client import Client
 from kv_common.cluster_map import ClusterMap, Member
 from kv_common.placement import DEFAULT_VNODES
-from kv_node.data_dir import IDENTITY_FILE, describe_placement, open_replica_store, open_store
+from kv_node.data_dir import (
+    IDENTITY_FILE,
+    describe_placement,
+    hosted_partitions,
+    open_replica_store,
+    open_store,
+)
 from kv_node.store import PutOp
 from kv_tools.launcher import free_port
 
@@ -333,7 +339,11 @@ def test_a_replica_directory_started_with_another_partition_count_is_refused(
     )
     data_dir = tmp_path / "n1"
     open_replica_store(
-        data_dir, "n1", map_size=1 << 24, placement=describe_placement(created)
+        data_dir,
+        "n1",
+        map_size=1 << 24,
+        placement=describe_placement(created),
+        hosted=hosted_partitions(created, "n1"),
     ).close()
     before = snapshot(data_dir)
     refused = run_node_command(

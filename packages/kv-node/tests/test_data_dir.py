@@ -26,6 +26,7 @@ from kv_node.data_dir import (
 from kv_node.store import PutOp, StoreError
 from kv_node.store.lmdb_file import DATA_FILE
 from kv_node.store.lmdb_store import LmdbStore
+from kv_raft import ConfState
 
 
 class StartFailed(Exception):
@@ -123,66 +124,87 @@ def test_a_failed_open_leaves_a_fresh_directory_absent(tmp_path: Path) -> None:
 
 REPLICA_MAP = 1 << 24
 PLACEMENT = "members n1,n2,n3; 1024 partitions; 512 vnodes; replication factor 3"
+HOSTED = range(1024)
 
 
 def test_a_replica_store_is_recorded_and_reopened(tmp_path: Path) -> None:
-    store = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+    store = open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    )
     store_id = store.store_id
     store.close()
     assert read_identity(tmp_path) == Identity(
         "n1", 2, replica_store_id=store_id, placement=PLACEMENT
     )
-    again = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+    again = open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    )
     assert again.store_id == store_id
     again.close()
 
 
 def test_a_lost_replica_store_is_refused_never_started_empty(tmp_path: Path) -> None:
-    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    ).close()
     (tmp_path / REPLICA_DIR / DATA_FILE).unlink()
     with pytest.raises(StoreError, match="could elect two leaders"):
-        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED)
     assert not (tmp_path / REPLICA_DIR / DATA_FILE).exists()
 
 
 def test_a_replaced_replica_store_is_refused(tmp_path: Path) -> None:
-    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    ).close()
     other = tmp_path / "other"
-    open_replica_store(other, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    open_replica_store(
+        other, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    ).close()
     (tmp_path / REPLICA_DIR / DATA_FILE).write_bytes((other / REPLICA_DIR / DATA_FILE).read_bytes())
     with pytest.raises(StoreError, match=r"is not the one kv-node\.json records"):
-        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED)
 
 
 def test_one_copy_and_replicas_never_share_a_directory(tmp_path: Path) -> None:
     single, replicated = tmp_path / "single", tmp_path / "replicated"
     open_store("lmdb", single, "n1", map_size=REPLICA_MAP).close()
     with pytest.raises(StoreError, match="holds a single-copy store"):
-        open_replica_store(single, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
-    open_replica_store(replicated, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+        open_replica_store(single, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED)
+    open_replica_store(
+        replicated, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    ).close()
     with pytest.raises(StoreError, match="holds a replica store"):
         open_store("lmdb", replicated, "n1", map_size=REPLICA_MAP)
     with pytest.raises(StoreError, match="belongs to node 'n1', not 'n2'"):
-        open_replica_store(replicated, "n2", map_size=REPLICA_MAP, placement=PLACEMENT)
+        open_replica_store(
+            replicated, "n2", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+        )
 
 
 def test_a_replica_store_is_refused_under_another_placement(tmp_path: Path) -> None:
-    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    ).close()
     before = (tmp_path / IDENTITY_FILE).read_bytes()
     other = PLACEMENT.replace("1024 partitions", "4096 partitions")
     with pytest.raises(StoreError, match="holds replicas for members n1,n2,n3; 1024 partitions"):
-        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=other)
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=other, hosted=HOSTED)
     assert (tmp_path / IDENTITY_FILE).read_bytes() == before
 
 
 def test_a_replica_store_from_before_placement_was_recorded_records_it(tmp_path: Path) -> None:
-    store = open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT)
+    store = open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    )
     store_id = store.store_id
     store.close()
     document = json.loads((tmp_path / IDENTITY_FILE).read_text())
     del document["placement"]
     (tmp_path / IDENTITY_FILE).write_text(json.dumps(document))
-    open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT).close()
+    open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED
+    ).close()
     assert read_identity(tmp_path) == Identity(
         "n1", 2, replica_store_id=store_id, placement=PLACEMENT
     )
@@ -204,3 +226,20 @@ def test_describe_placement_names_what_moves_partitions() -> None:
         vnodes=8,
     )
     assert describe_placement(moved) == describe_placement(built)
+
+
+def test_an_old_replica_store_holding_other_partitions_is_refused(tmp_path: Path) -> None:
+    """A replica directory from before the placement was recorded, created with 4,096
+    partitions (the default then), must not start at 1,024: it holds groups 1024..4095."""
+    store = open_replica_store(
+        tmp_path, "n1", map_size=REPLICA_MAP, placement="old", hosted=range(4096)
+    )
+    store.bootstrap({p: ConfState(voters=frozenset({1, 2, 3})) for p in (5, 4095)})
+    store.close()
+    document = json.loads((tmp_path / IDENTITY_FILE).read_text())
+    del document["placement"]
+    (tmp_path / IDENTITY_FILE).write_text(json.dumps(document))
+    before = (tmp_path / IDENTITY_FILE).read_bytes()
+    with pytest.raises(StoreError, match="holds partition 4095's group"):
+        open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED)
+    assert (tmp_path / IDENTITY_FILE).read_bytes() == before

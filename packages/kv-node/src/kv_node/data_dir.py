@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -255,8 +255,14 @@ def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
     return store
 
 
+def hosted_partitions(cluster_map: ClusterMap, node_id: str) -> frozenset[int]:
+    """The partitions whose replica sets include ``node_id``: the groups its store may hold."""
+    placement = cluster_map.placement
+    return frozenset(p for p in range(cluster_map.partitions) if node_id in placement.replicas(p))
+
+
 def open_replica_store(
-    data_dir: Path, node_id: str, *, map_size: int, placement: str
+    data_dir: Path, node_id: str, *, map_size: int, placement: str, hosted: Collection[int]
 ) -> ReplicaStore:
     """The replica store of a replicated node, with the same checks as the single-copy one.
 
@@ -265,7 +271,9 @@ def open_replica_store(
     records a replica store that is now missing or replaced is refused, never started empty.
     And the store's groups are partitions of one placement (``describe_placement``): started
     with another (say a new default ``--partitions``), its groups would be other partitions'
-    with other replicas, so that is refused too, before anything is opened.
+    with other replicas, so that is refused too, before anything is opened. A store from before
+    the placement was recorded must hold no group outside ``hosted`` (the partitions this
+    placement gives the node) before it is trusted and the placement recorded.
     """
     identity = _identity_for(data_dir, node_id, replicated=True)
     if identity is not None and identity.placement not in (None, placement):
@@ -295,6 +303,13 @@ def open_replica_store(
             raise StoreError(
                 f"the replica store in {replica_dir} is not the one {IDENTITY_FILE} records "
                 f"({store.store_id} instead of {recorded})"
+            )
+        stray = sorted(set(store.groups()) - set(hosted))
+        if stray:
+            raise StoreError(
+                f"the replica store in {replica_dir} holds partition {stray[-1]}'s group, which "
+                f"{placement} does not give node {node_id!r}: it was created with other "
+                "settings; start it with those (there is no re-partitioning yet)"
             )
         if recorded is None or identity is None or identity.placement is None:
             _write_identity(

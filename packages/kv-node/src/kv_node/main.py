@@ -13,6 +13,7 @@ from kv_node.config import ConfigError, NodeConfig, config_flags
 from kv_node.data_dir import (
     describe_placement,
     discard_if_not_started,
+    hosted_partitions,
     open_replica_store,
     open_store,
 )
@@ -65,6 +66,7 @@ def replication_opener(config: NodeConfig) -> Callable[[], Replication]:
             config.node_id,
             map_size=config.lmdb_map_size,
             placement=describe_placement(config.cluster_map),
+            hosted=hosted_partitions(config.cluster_map, config.node_id),
         )
         try:
             return Replication(
