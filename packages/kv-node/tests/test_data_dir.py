@@ -243,3 +243,20 @@ def test_an_old_replica_store_holding_other_partitions_is_refused(tmp_path: Path
     with pytest.raises(StoreError, match="holds partition 4095's group"):
         open_replica_store(tmp_path, "n1", map_size=REPLICA_MAP, placement=PLACEMENT, hosted=HOSTED)
     assert (tmp_path / IDENTITY_FILE).read_bytes() == before
+
+
+def test_a_single_copy_store_records_its_placement_and_refuses_another(tmp_path: Path) -> None:
+    one_copy = PLACEMENT.replace("replication factor 3", "replication factor 1")
+    store = open_store("lmdb", tmp_path, "n1", map_size=REPLICA_MAP, placement=one_copy)
+    store.write([PutOp(b"k", b"v")])
+    store.close()
+    identity = read_identity(tmp_path)
+    assert identity is not None and identity.placement == one_copy
+    before = (tmp_path / IDENTITY_FILE).read_bytes()
+    moved = one_copy.replace("members n1,n2,n3", "members n1,n2,n3,n4")
+    with pytest.raises(StoreError, match="holds keys for members n1,n2,n3; 1024 partitions"):
+        open_store("lmdb", tmp_path, "n1", map_size=REPLICA_MAP, placement=moved)
+    assert (tmp_path / IDENTITY_FILE).read_bytes() == before
+    open_store("lmdb", tmp_path, "n1", map_size=REPLICA_MAP, placement=one_copy).close()
+    open_store("lmdb", tmp_path, "n1", map_size=REPLICA_MAP).close()  # tools: no check
+    assert (tmp_path / IDENTITY_FILE).read_bytes() == before

@@ -35,9 +35,9 @@ REPLICA_DIR = "replicas"
 """Where a replicated node (``--replication-factor`` above 1) keeps its replica store."""
 IDENTITY_FORMAT = 2
 """1: node id only. 2: adds ``lmdb_store_id`` once an LMDB store exists, or
-``replica_store_id`` once a replica store exists (never both); a replica store's identity
-also records its ``placement`` (``describe_placement``), absent only from the first
-replicated nodes' directories."""
+``replica_store_id`` once a replica store exists (never both); with either, the
+``placement`` the store serves (``describe_placement``), absent from directories created
+before it was recorded (such a directory is trusted once, then records it)."""
 _KNOWN_FORMATS = (1, 2)
 _STORE_ID_HEX_DIGITS = 32
 ENGINES = ("lmdb", "memory")
@@ -116,9 +116,10 @@ def _shape_problem(document: object) -> str | None:
         return "it records both a single-copy and a replica store"
     placement = document.get("placement")
     if placement is not None and (
-        not isinstance(placement, str) or document.get("replica_store_id") is None
+        not isinstance(placement, str)
+        or (document.get("replica_store_id") is None and document.get("lmdb_store_id") is None)
     ):
-        return "placement is not a description of a replica store's placement"
+        return "placement is not a description of a store's placement"
     return None
 
 
@@ -179,8 +180,16 @@ def claim(data_dir: Path, node_id: str) -> Identity:
 
 
 def open_store(
-    engine: str, data_dir: Path | None, node_id: str, *, map_size: int = DEFAULT_MAP_SIZE
+    engine: str,
+    data_dir: Path | None,
+    node_id: str,
+    *,
+    map_size: int = DEFAULT_MAP_SIZE,
+    placement: str | None = None,
 ) -> Store:
+    """The single-copy store. With ``placement`` (``describe_placement``), an LMDB store
+    records it and refuses to start under another: its keys are the ones the placement gave
+    this node, and another would send their requests elsewhere (there is no migration)."""
     if engine not in ENGINES:
         raise StoreError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if data_dir is None:
@@ -192,7 +201,7 @@ def open_store(
             claim(data_dir, node_id)
             started()
             return MemoryStore()
-        store = _open_lmdb(data_dir, node_id, map_size)
+        store = _open_lmdb(data_dir, node_id, map_size, placement)
         started()
         return store
 
@@ -218,9 +227,11 @@ def _identity_for(data_dir: Path, node_id: str, *, replicated: bool) -> Identity
     return identity
 
 
-def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
+def _open_lmdb(data_dir: Path, node_id: str, map_size: int, placement: str | None) -> LmdbStore:
     """Check everything read-only, then claim the directory and open the store."""
     identity = _identity_for(data_dir, node_id, replicated=False)
+    if placement is not None and identity is not None:
+        _check_placement(data_dir, identity, placement, what="keys")
     lmdb_dir = data_dir / LMDB_DIR
     info = inspect(lmdb_dir)
     if identity is not None and identity.lmdb_store_id is not None:
@@ -246,13 +257,25 @@ def _open_lmdb(data_dir: Path, node_id: str, map_size: int) -> LmdbStore:
         )
     claimed = identity or claim(data_dir, node_id)
     store = LmdbStore(lmdb_dir, map_size=map_size)
-    if claimed.lmdb_store_id != store.store_id:
+    recorded = claimed.placement if placement is None else placement
+    if claimed.lmdb_store_id != store.store_id or claimed.placement != recorded:
         try:
-            _write_identity(data_dir, Identity(node_id, IDENTITY_FORMAT, store.store_id))
+            _write_identity(
+                data_dir, Identity(node_id, IDENTITY_FORMAT, store.store_id, placement=recorded)
+            )
         except StoreError:
             store.close()
             raise
     return store
+
+
+def _check_placement(data_dir: Path, identity: Identity, placement: str, *, what: str) -> None:
+    if identity.placement not in (None, placement):
+        raise StoreError(
+            f"data directory {data_dir} holds {what} for {identity.placement}; this node "
+            f"is started with {placement}. Start it with the settings it was created with "
+            "(there is no re-partitioning yet)"
+        )
 
 
 def hosted_partitions(cluster_map: ClusterMap, node_id: str) -> frozenset[int]:
@@ -276,12 +299,8 @@ def open_replica_store(
     placement gives the node) before it is trusted and the placement recorded.
     """
     identity = _identity_for(data_dir, node_id, replicated=True)
-    if identity is not None and identity.placement not in (None, placement):
-        raise StoreError(
-            f"data directory {data_dir} holds replicas for {identity.placement}; this node "
-            f"is started with {placement}. Start it with the settings it was created with "
-            "(there is no re-partitioning yet)"
-        )
+    if identity is not None:
+        _check_placement(data_dir, identity, placement, what="replicas")
     replica_dir = data_dir / REPLICA_DIR
     recorded = identity.replica_store_id if identity is not None else None
     if recorded is not None and not (replica_dir / DATA_FILE).exists():

@@ -103,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 asyncio.run(serve(config, replication_opener(config), ready=started))
             else:
                 store = open_store(
-                    config.engine, config.data_dir, config.node_id, map_size=config.lmdb_map_size
+                    config.engine,
+                    config.data_dir,
+                    config.node_id,
+                    map_size=config.lmdb_map_size,
+                    placement=describe_placement(config.cluster_map),
                 )
                 asyncio.run(serve(config, store, ready=started))
     except (ConfigError, StoreError) as exc:
