@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from kv_common.placement import DEFAULT_PARTITIONS
 from kv_tools.cluster_dir import LocalClusterError, read_layout
-from kv_tools.local_cluster import plan
+from kv_tools.local_cluster import node_spec, plan
 
 
 def test_a_new_cluster_keeps_three_copies_capped_at_its_size(tmp_path: Path) -> None:
@@ -36,11 +37,22 @@ def test_the_recorded_replication_factor_is_used_and_a_different_one_refused(
         plan(tmp_path, 0, "lmdb", 3)
 
 
-def test_a_layout_from_before_replication_runs_with_one_copy(tmp_path: Path) -> None:
-    plan(tmp_path, 2, "lmdb")
+def test_a_layout_from_before_replication_runs_as_it_was_created(tmp_path: Path) -> None:
+    """One copy and 4,096 partitions, the defaults then: anything else would look for its
+    keys on other nodes."""
+    assert plan(tmp_path, 2, "lmdb").partitions == DEFAULT_PARTITIONS
     path = tmp_path / "cluster.json"
     recorded = json.loads(path.read_text())
-    del recorded["replication_factor"]
+    del recorded["replication_factor"], recorded["partitions"]
     path.write_text(json.dumps(recorded))
     layout = read_layout(tmp_path)
-    assert layout is not None and layout.replication_factor == 1
+    assert layout is not None
+    assert (layout.replication_factor, layout.partitions) == (1, 4096)
+    extra = node_spec(tmp_path, layout, layout.nodes[0]).extra
+    assert extra == ("--replication-factor", "1", "--partitions", "4096")
+
+
+def test_the_same_command_twice_is_accepted_when_copies_were_capped(tmp_path: Path) -> None:
+    first = plan(tmp_path, 2, "lmdb", 3)
+    assert first.replication_factor == 2
+    assert plan(tmp_path, 2, "lmdb", 3) == first

@@ -28,6 +28,9 @@ STATE_FILE = "state.json"
 CONTROL_DIR = "control"
 START_REQUEST = "start-"
 
+OLD_DEFAULT_PARTITIONS = 4096
+"""The node's default partition count before three copies became the default."""
+
 UP = "up"
 STARTING = "starting"
 DOWN = "down"
@@ -51,6 +54,9 @@ class Layout:
     replication_factor: int = 1
     """Every node's ``--replication-factor``. Recorded, because a cluster must come back with
     the one it was created with; a layout written before the field existed ran with 1."""
+    partitions: int = OLD_DEFAULT_PARTITIONS
+    """Every node's ``--partitions``, recorded for the same reason; a layout written before the
+    field existed ran with the default of the time, 4,096."""
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -131,6 +137,7 @@ def read_layout(data: Path) -> Layout | None:
         str(recorded["engine"]),
         [LocalNode(**n) for n in recorded["nodes"]],
         int(recorded.get("replication_factor", 1)),
+        int(recorded.get("partitions", OLD_DEFAULT_PARTITIONS)),
     )
 
 
@@ -139,6 +146,7 @@ def write_layout(data: Path, layout: Layout) -> None:
     record = {
         "engine": layout.engine,
         "replication_factor": layout.replication_factor,
+        "partitions": layout.partitions,
         "nodes": [asdict(n) for n in layout.nodes],
     }
     _write_atomically(data / LAYOUT_FILE, record)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kv_client import Client
+from kv_common.placement import DEFAULT_PARTITIONS
 from kv_tools import launcher
 from kv_tools.cluster_dir import (
     DOWN,
@@ -58,7 +59,8 @@ def plan(data: Path, nodes: int, engine: str, replication_factor: int = 0) -> La
                 f"{data} holds a {len(recorded.nodes)}-node cluster; run with --nodes "
                 f"{len(recorded.nodes)} or use another --data directory"
             )
-        if replication_factor and replication_factor != recorded.replication_factor:
+        asked = min(replication_factor, len(recorded.nodes))
+        if replication_factor and asked != recorded.replication_factor:
             raise LocalClusterError(
                 f"{data} holds a cluster with replication factor {recorded.replication_factor}; "
                 f"run with --replication-factor {recorded.replication_factor} or use another "
@@ -89,9 +91,28 @@ def plan(data: Path, nodes: int, engine: str, replication_factor: int = 0) -> La
             for i in range(1, nodes + 1)
         ],
         copies,
+        DEFAULT_PARTITIONS,
     )
     write_layout(data, layout)
     return layout
+
+
+def node_spec(data: Path, layout: Layout, node: LocalNode) -> launcher.NodeSpec:
+    """How to run ``node``: with the settings its cluster was created with, every time."""
+    return launcher.NodeSpec(
+        node.node_id,
+        node.address,
+        launcher.cluster_spec(layout.addresses),
+        node_data_dir(data, node.node_id),
+        engine=layout.engine,
+        metrics=node.metrics,
+        extra=(
+            "--replication-factor",
+            str(layout.replication_factor),
+            "--partitions",
+            str(layout.partitions),
+        ),
+    )
 
 
 def describe_exit(code: int) -> str:
@@ -115,20 +136,9 @@ class Supervisor:
             nodes={node.node_id: NodeState() for node in self.layout.nodes},
         )
 
-    def spec(self, node: LocalNode) -> launcher.NodeSpec:
-        return launcher.NodeSpec(
-            node.node_id,
-            node.address,
-            launcher.cluster_spec(self.layout.addresses),
-            node_data_dir(self.data, node.node_id),
-            engine=self.layout.engine,
-            metrics=node.metrics,
-            extra=("--replication-factor", str(self.layout.replication_factor)),
-        )
-
     def start(self, node_id: str) -> None:
         process = launcher.spawn_node(
-            self.spec(self.layout.node(node_id)),
+            node_spec(self.data, self.layout, self.layout.node(node_id)),
             log_path(self.data, node_id),
             # SIGTERM, not SIGKILL: a killed supervisor's nodes still drain and close cleanly.
             parent_death_signal=signal.SIGTERM,
