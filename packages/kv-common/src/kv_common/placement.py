@@ -48,6 +48,8 @@ _HASH_BYTES = HASH_BITS // 8
 DEFAULT_PARTITIONS: int = 1024
 DEFAULT_VNODES: int = 512
 DEFAULT_REPLICATION_FACTOR = 1
+"""The library's default only (a replica set cannot outnumber the nodes, and ``build`` refuses
+more). Nodes keep three copies by default, capped at the member count: ``kv_node.config``."""
 
 # A table of more than a million partitions is a configuration mistake (each partition becomes a
 # Raft group); refusing it keeps a typo from hanging the node while it builds the table.
