@@ -117,16 +117,24 @@ class Cluster:
                 key = (g, driver.term(g))
                 first = self.leader_of_term.setdefault(key, node)
                 assert first == node, f"seed {self.seed}: group {g} term {key[1]}: two leaders"
+        boxes = (cycle.early, cycle.outbox)
         regrouped = sorted(
-            (gm.group, gm.message.to, id(gm.message)) for ms in cycle.outbox.values() for gm in ms
+            (gm.group, gm.message.to, id(gm.message))
+            for box in boxes
+            for ms in box.values()
+            for gm in ms
         )
         assert regrouped == sorted(
             (item.group, m.to, id(m)) for item in cycle.readies for m in item.ready.messages
         )
-        for dst, messages in cycle.outbox.items():
-            for gm in messages:
-                assert gm.message.to == dst
-                self._send(node, dst, gm)
+        writing = {item.group for item in cycle.readies if item.writes}
+        for box in boxes:
+            for dst, messages in box.items():
+                for gm in messages:
+                    assert gm.message.to == dst
+                    # Only a Ready that writes nothing may send before the cycle's write.
+                    assert (gm.group in writing) == (box is cycle.outbox)
+                    self._send(node, dst, gm)
         driver.advance(cycle)
         return True
 

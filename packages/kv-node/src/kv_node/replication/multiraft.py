@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kv_raft import NO_NODE, Config, Message, MessageType, RawNode, Ready, Role, Storage
 from kv_raft.types import DEFAULT_ELECTION_TICK, DEFAULT_HEARTBEAT_TICK, RESPONSE_TYPES
@@ -64,17 +64,35 @@ class GroupReady:
     group: int
     ready: Ready
 
+    @property
+    def writes(self) -> bool:
+        """Whether the store has anything to do for this Ready: a snapshot to install, entries
+        to append, a hard state to set or entries to apply. A Ready without any of these (only
+        messages, read states or a soft-state change) promises nothing that a write would
+        make durable, so the contract's "persist, then send" holds for it at once."""
+        rd = self.ready
+        return bool(
+            rd.entries
+            or rd.committed_entries
+            or rd.hard_state is not None
+            or rd.snapshot is not None
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Cycle:
-    """One batch of work for the runtime: persist and apply every Ready (in one durable write),
-    then send ``outbox`` (destination raft id -> its messages, in group order), then ``advance``.
+    """One batch of work for the runtime: send ``early`` at once, persist and apply every Ready
+    that ``writes`` (in one durable write), then send ``outbox``, then ``advance``.
 
-    The messages are those of the Readies, regrouped; none may leave before the write is durable.
+    Both maps hold the Readies' messages regrouped by destination raft id, in group order:
+    ``outbox`` those of Readies that write, which may not leave before that write is durable;
+    ``early`` those of Readies that write nothing (a leader's ReadIndex and heartbeat rounds,
+    a follower's answers to them), which need not wait for an unrelated group's fsync.
     """
 
     readies: tuple[GroupReady, ...]
     outbox: Mapping[int, tuple[GroupMessage, ...]]
+    early: Mapping[int, tuple[GroupMessage, ...]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -306,23 +324,31 @@ class MultiRaft:
 
     # -- output ----------------------------------------------------------------------------------
     def collect(self) -> Cycle:
-        """Every Ready of the groups that may have one (never a scan of all groups)."""
+        """Every Ready of the groups that may have one (never a scan of all groups), their
+        messages split by whether they wait for the cycle's write (``Cycle``)."""
         if self._outstanding is not None:
             raise RuntimeError("advance() the previous cycle before collecting another")
         readies: list[GroupReady] = []
         outbox: dict[int, list[GroupMessage]] = {}
+        early: dict[int, list[GroupMessage]] = {}
         for group in self._dirty:
             node = self._nodes[group]
             if not node.has_ready():
                 continue
             ready = node.ready()
-            readies.append(GroupReady(group, ready))
+            item = GroupReady(group, ready)
+            readies.append(item)
             self._in_cycle.add(group)
+            box = outbox if item.writes else early
             for message in ready.messages:
-                outbox.setdefault(message.to, []).append(GroupMessage(group, message))
+                box.setdefault(message.to, []).append(GroupMessage(group, message))
             self._note_ready(group, node, ready)
         self._dirty = {}
-        cycle = Cycle(tuple(readies), {to: tuple(msgs) for to, msgs in outbox.items()})
+        cycle = Cycle(
+            tuple(readies),
+            {to: tuple(msgs) for to, msgs in outbox.items()},
+            {to: tuple(msgs) for to, msgs in early.items()},
+        )
         if readies:
             self._outstanding = cycle
         return cycle

@@ -9,11 +9,12 @@ contract (``kv_raft``'s package docstring) requires, for all groups at once:
    change), it feeds the driver: messages received since the last cycle, writes queued for
    each group (one entry per group per cycle, more for large or conflicting ones; see
    ``pending``), ReadIndex requests.
-2. ``collect()`` gives every group's Ready. One write transaction persists all their log
-   entries, hard states and snapshots and applies all their committed entries, with at most
-   one fsync, in a worker thread (fsync blocks).
-3. Only then are the messages sent (a vote or an append acknowledgement promises durable
-   state), each peer's together.
+2. ``collect()`` gives every group's Ready. The messages and read states of Readies that
+   write nothing are sent and served at once. One write transaction persists all the other
+   Readies' log entries, hard states and snapshots and applies all their committed entries,
+   with at most one fsync, in a worker thread (fsync blocks).
+3. Only then are those Readies' messages sent (a vote or an append acknowledgement promises
+   durable state), each peer's together.
 4. Callers are answered from what was applied; ``advance`` tells the driver.
 
 Everything that touches the driver runs in the runtime's own task, one cycle at a time, so
@@ -26,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kv_node.replication.command import CommandError, encode_command
-from kv_node.replication.multiraft import Cycle, MultiRaft
+from kv_node.replication.multiraft import GroupMessage, GroupReady, MultiRaft
 from kv_node.replication.pending import EntryFailed, LeadershipLost, Proposals, Reads
 from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
 from kv_node.store import Op, Outcome
@@ -243,11 +244,18 @@ class ReplicationRuntime:
         cycle = driver.collect()
         if cycle.is_empty:
             return
-        writes = [GroupWrite.from_ready(item.group, item.ready) for item in cycle.readies]
-        results = await asyncio.to_thread(self._commit, writes)
-        self.stats.cycles += 1
-        self._send(cycle)
-        self._answer(cycle, results)
+        # Readies that write nothing (ReadIndex and heartbeat rounds, their answers, read
+        # states) are done before the write: an fsync for other groups need not delay them.
+        self._send(cycle.early)
+        writing = [item for item in cycle.readies if item.writes]
+        if len(writing) < len(cycle.readies):
+            self._answer([item for item in cycle.readies if not item.writes], {})
+        if writing:
+            writes = [GroupWrite.from_ready(item.group, item.ready) for item in writing]
+            results = await asyncio.to_thread(self._commit, writes)
+            self.stats.cycles += 1
+            self._send(cycle.outbox)
+            self._answer(writing, results)
         driver.advance(cycle)
 
     def _commit(self, writes: list[GroupWrite]) -> CommitResult:
@@ -261,16 +269,16 @@ class ReplicationRuntime:
                 self.stats.compactions += 1
         return results
 
-    def _send(self, cycle: Cycle) -> None:
-        for raft_id, messages in cycle.outbox.items():
+    def _send(self, outbox: Mapping[int, Sequence[GroupMessage]]) -> None:
+        for raft_id, messages in outbox.items():
             self._transport.send(raft_id, [(item.group, item.message) for item in messages])
             self.stats.messages_sent += len(messages)
             self.stats.snapshots_sent += sum(item.message.snapshot is not None for item in messages)
 
-    def _answer(self, cycle: Cycle, results: CommitResult) -> None:
+    def _answer(self, readies: Sequence[GroupReady], results: CommitResult) -> None:
         proposals = self._proposals
         reads = self._reads
-        for item in cycle.readies:
+        for item in readies:
             group, rd = item.group, item.ready
             if rd.soft_state is not None:
                 # A ReadIndex request is lost with the leadership: only a role or leader
