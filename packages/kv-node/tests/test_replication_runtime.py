@@ -36,19 +36,44 @@ NEVER = 3600.0
 """Tick length: no tick happens during a test, so nothing but the test starts an election."""
 
 
+class Gate:
+    """Holds a worker thread until released; ``entered`` says it is held."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def pass_through(self) -> None:
+        self.entered.set()
+        if not self.release.wait(DEADLINE):
+            raise AssertionError("a held commit was never released")
+
+
 class HeldStore(ReplicaStore):
-    """A replica store whose ``commit`` can be held, in its worker thread, before it writes."""
+    """A replica store whose ``commit`` can be held, in its worker thread: before it writes
+    (``hold``), or with every write in the transaction, where the flush would begin
+    (``hold_flush``)."""
 
-    hold: threading.Event | None = None
-    entered: threading.Event | None = None
+    hold: Gate | None = None
+    hold_flush: Gate | None = None
 
-    def commit(self, writes: Sequence[GroupWrite]) -> CommitResult:
-        hold, entered = self.hold, self.entered
-        if hold is not None and entered is not None:
-            entered.set()
-            if not hold.wait(DEADLINE):
-                raise AssertionError("a held commit was never released")
-        return super().commit(writes)
+    def commit(
+        self,
+        writes: Sequence[GroupWrite],
+        on_applied: Callable[[CommitResult], None] | None = None,
+    ) -> CommitResult:
+        if self.hold is not None:
+            self.hold.pass_through()
+        flush = self.hold_flush
+        if flush is None:
+            return super().commit(writes, on_applied)
+
+        def applied_then_held(results: CommitResult) -> None:
+            if on_applied is not None:
+                on_applied(results)
+            flush.pass_through()
+
+        return super().commit(writes, applied_then_held)
 
 
 class Net:
@@ -177,23 +202,24 @@ def test_a_read_index_round_leaves_while_another_groups_write_is_held(tmp_path: 
         leader = net.runtimes[1]
         store = net.stores[1]
         await leader.write(3, [PutOp(b"warm", b"v")])
-        hold, entered = threading.Event(), threading.Event()
-        store.hold, store.entered = hold, entered
+        gate = store.hold = Gate()
         before = len(net.sent)
         # Both are queued before the runtime's next cycle, so that cycle holds group 3's
         # entry (a write) and group 0's ReadIndex round (nothing to write).
         write = asyncio.ensure_future(leader.write(3, [PutOp(b"x", b"1")]))
         read = asyncio.ensure_future(leader.read(0, b"warm"))
         try:
-            assert await asyncio.to_thread(entered.wait, DEADLINE), "the write was not held"
+            assert await asyncio.to_thread(gate.entered.wait, DEADLINE), "the write was not held"
             held = [(g, m) for sender, g, m in net.sent[before:] if sender == 1]
             assert any(g == 0 and m.type is MessageType.HEARTBEAT and m.context for g, m in held), (
                 "the read's heartbeat round waited for group 3's write"
             )
-            assert not [m for g, m in held if g == 3], "group 3 sent before its write"
+            # (An entry-less append of the previous cycle, carrying the warm write's commit,
+            # may leave now: that cycle's flush ran as the warm write was answered.)
+            assert not [m for g, m in held if g == 3 and m.entries], "group 3 sent too soon"
         finally:
-            store.hold = store.entered = None
-            hold.set()
+            store.hold = None
+            gate.release.set()
         done = (await write)[0]
         assert isinstance(done, WriteResult) and done.succeeded
         assert await read is None  # "warm" is in group 3, not 0
@@ -209,5 +235,35 @@ def test_a_get_through_the_log_sees_the_write_before_it(tmp_path: Path) -> None:
         got = await leader.write(0, [GetOp(b"a")])
         assert isinstance(put[0], WriteResult)
         assert got[0] == ReadResult(value=b"1", version=put[0].version)
+
+    run(tmp_path, scenario)
+
+
+def test_a_writer_is_answered_while_the_flush_of_its_apply_runs(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        leader = net.runtimes[1]
+        store = net.stores[1]
+        await leader.write(0, [PutOp(b"warm", b"v")])
+        write = asyncio.ensure_future(leader.write(0, [PutOp(b"a", b"1")]))
+        # Hold the leader's flushes from now on: the one that appends the entry, and the one
+        # that applies it once a follower acknowledged it.
+        gate = store.hold_flush = Gate()
+        try:
+            while not write.done():
+                assert await asyncio.to_thread(gate.entered.wait, DEADLINE), "no flush began"
+                gate.entered.clear()
+                await asyncio.wait([write], timeout=DEADLINE)  # the flush is still held
+                if not write.done():
+                    gate.release.set()  # the append's flush; the apply comes later
+                    gate = store.hold_flush = Gate()
+            done = write.result()[0]
+            assert isinstance(done, WriteResult) and done.succeeded
+            # Answered, yet the apply is not committed: a read must not see it yet.
+            assert store.applied(0) < done.version
+            assert store.get(0, b"a") is None
+        finally:
+            store.hold_flush = None
+            gate.release.set()
+        assert await leader.read(0, b"a") == (b"1", done.version)
 
     run(tmp_path, scenario)

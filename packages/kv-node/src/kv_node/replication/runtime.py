@@ -12,10 +12,12 @@ contract (``kv_raft``'s package docstring) requires, for all groups at once:
 2. ``collect()`` gives every group's Ready. The messages and read states of Readies that
    write nothing are sent and served at once. One write transaction persists all the other
    Readies' log entries, hard states and snapshots and applies all their committed entries,
-   with at most one fsync, in a worker thread (fsync blocks).
+   with at most one fsync, in a worker thread (fsync blocks). Writers are answered from
+   what was applied as soon as it is in the transaction, while the flush runs: their
+   entries are committed, that is durable on a quorum already (``ReplicaStore.commit``).
 3. Only then are those Readies' messages sent (a vote or an append acknowledgement promises
    durable state), each peer's together.
-4. Callers are answered from what was applied; ``advance`` tells the driver.
+4. Reads are answered once what they wait for is applied; ``advance`` tells the driver.
 
 Everything that touches the driver runs in the runtime's own task, one cycle at a time, so
 the driver needs no locks; what arrives during a cycle waits in the inboxes (messages are
@@ -249,19 +251,28 @@ class ReplicationRuntime:
         self._send(cycle.early)
         writing = [item for item in cycle.readies if item.writes]
         if len(writing) < len(cycle.readies):
-            self._answer([item for item in cycle.readies if not item.writes], {})
+            self._answer([item for item in cycle.readies if not item.writes])
         if writing:
             writes = [GroupWrite.from_ready(item.group, item.ready) for item in writing]
-            results = await asyncio.to_thread(self._commit, writes)
+            loop = asyncio.get_running_loop()
+
+            def answer_early(applied: CommitResult) -> None:
+                # From the worker thread, before the flush: the writers' outcomes are final
+                # (see ``ReplicaStore.commit``); they reach the loop before the flush ends.
+                loop.call_soon_threadsafe(self._answer_writes, applied)
+
+            await asyncio.to_thread(self._commit, writes, answer_early)
             self.stats.cycles += 1
             self._send(cycle.outbox)
-            self._answer(writing, results)
+            self._answer(writing)
         driver.advance(cycle)
 
-    def _commit(self, writes: list[GroupWrite]) -> CommitResult:
+    def _commit(
+        self, writes: list[GroupWrite], on_applied: Callable[[CommitResult], None]
+    ) -> CommitResult:
         """The cycle's one transaction, then compaction of logs grown past the bound (in the
         same worker thread; nothing reads the store while a cycle is out)."""
-        results = self._store.commit(writes)
+        results = self._store.commit(writes, on_applied)
         for group in results:
             applied = self._store.applied(group)
             if applied - self._store.group(group).first_index() + 1 > self._compact_after:
@@ -275,8 +286,22 @@ class ReplicationRuntime:
             self.stats.messages_sent += len(messages)
             self.stats.snapshots_sent += sum(item.message.snapshot is not None for item in messages)
 
-    def _answer(self, readies: Sequence[GroupReady], results: CommitResult) -> None:
+    def _answer_writes(self, results: CommitResult) -> None:
+        """Each writer gets its outcomes (or learns its entry was replaced or failed)."""
         proposals = self._proposals
+        for group, applied_entries in results.items():
+            for applied_entry in applied_entries:
+                if applied_entry.error is not None:
+                    proposals.failed(
+                        group, applied_entry.index, applied_entry.term, applied_entry.error
+                    )
+                else:
+                    proposals.applied(
+                        group, applied_entry.index, applied_entry.term, applied_entry.outcomes
+                    )
+
+    def _answer(self, readies: Sequence[GroupReady]) -> None:
+        """Leader changes and reads; the writers were answered by ``_answer_writes``."""
         reads = self._reads
         for item in readies:
             group, rd = item.group, item.ready
@@ -290,15 +315,6 @@ class ReplicationRuntime:
                 self.stats.leader_changes += 1
                 if self._on_leader_change is not None:
                     self._on_leader_change(group, leader)
-            for applied_entry in results.get(group, ()):
-                if applied_entry.error is not None:
-                    proposals.failed(
-                        group, applied_entry.index, applied_entry.term, applied_entry.error
-                    )
-                else:
-                    proposals.applied(
-                        group, applied_entry.index, applied_entry.term, applied_entry.outcomes
-                    )
             self.stats.entries_applied += len(rd.committed_entries)
             applied = self._store.applied(group)
             for state in rd.read_states:
