@@ -228,13 +228,23 @@ def test_a_read_index_round_leaves_while_another_groups_write_is_held(tmp_path: 
     run(tmp_path, scenario)
 
 
-def test_a_get_through_the_log_sees_the_write_before_it(tmp_path: Path) -> None:
+def test_gets_alone_are_read_by_read_index_and_among_writes_through_the_log(
+    tmp_path: Path,
+) -> None:
     async def scenario(net: Net) -> None:
         leader = net.runtimes[1]
-        put = await leader.write(0, [PutOp(b"a", b"1")])
-        got = await leader.write(0, [GetOp(b"a")])
-        assert isinstance(put[0], WriteResult)
-        assert got[0] == ReadResult(value=b"1", version=put[0].version)
+        log = net.stores[1].group(0)
+        (put,) = await leader.write(0, [PutOp(b"a", b"1")])
+        assert isinstance(put, WriteResult)
+        last = log.last_index()
+        got = await leader.write(0, [GetOp(b"a"), GetOp(b"absent")])
+        assert got == [ReadResult(b"1", put.version), ReadResult(None, 0)]
+        assert log.last_index() == last, "gets alone took a log entry"
+        # A get among writes sees the writes before it, so it goes through the log.
+        mixed = await leader.write(0, [PutOp(b"a", b"2"), GetOp(b"a")])
+        assert log.last_index() == last + 1
+        assert isinstance(mixed[0], WriteResult)
+        assert mixed[1] == ReadResult(b"2", mixed[0].version)
 
     run(tmp_path, scenario)
 

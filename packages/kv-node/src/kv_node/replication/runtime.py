@@ -37,7 +37,7 @@ from kv_node.replication.command import CommandError, encode_command
 from kv_node.replication.multiraft import GroupMessage, GroupReady, MultiRaft
 from kv_node.replication.pending import EntryFailed, LeadershipLost, Proposals, Reads
 from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
-from kv_node.store import Op, Outcome
+from kv_node.store import GetOp, Op, Outcome
 from kv_raft import Message, ProposalDropped, Role
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,17 @@ class ReplicationRuntime:
         """Apply ``ops`` (in order, as one unit) through the group's log; outcomes per op.
 
         Raises ``LeadershipLost`` (with the leader this node knows) when it does not lead the
-        group, and ``ProposalLost`` when another leader's entry replaced the write's."""
+        group, and ``ProposalLost`` when another leader's entry replaced the write's.
+
+        Ops that are all gets (the SDK coalesces single gets into such batches) are served
+        through ReadIndex, as ``read`` is: as linearizable as an entry in the log, from one
+        applied state, and without a log entry or any fsync."""
         self._check_running()
+        if ops and all(isinstance(op, GetOp) for op in ops):
+            ready = self._reads.queue(group)
+            self._wake.set()
+            await ready
+            return list(self._store.get_many(group, [op.key for op in ops]))
         future = self._proposals.queue(group, ops)
         self._wake.set()
         return await future

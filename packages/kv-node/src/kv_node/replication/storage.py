@@ -397,6 +397,18 @@ class ReplicaStore:
             return None
         return record[_VERSION.size :], _VERSION.unpack_from(record)[0]
 
+    def get_many(self, group: int, keys: Sequence[bytes]) -> list[ReadResult]:
+        """``GetOp`` outcomes for ``keys``, all as of one applied state (one read transaction),
+        as the log gives the gets of one entry."""
+        with self._env.begin(db=self._data) as txn:
+            records = [self._record(txn, group, key) for key in keys]
+        return [
+            ReadResult(None, 0)
+            if record is None
+            else ReadResult(record[_VERSION.size :], _VERSION.unpack_from(record)[0])
+            for record in records
+        ]
+
     # -- the cycle ------------------------------------------------------------------------------
     def commit(
         self,
