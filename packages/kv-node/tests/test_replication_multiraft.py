@@ -20,7 +20,17 @@ from kv_node.replication.multiraft import (
     GroupMessage,
     MultiRaft,
 )
-from kv_raft import ConfState, Entry, MemoryStorage, NotLeader, RawNode, ReadState, Role
+from kv_raft import (
+    ConfState,
+    Entry,
+    MemoryStorage,
+    Message,
+    MessageType,
+    NotLeader,
+    RawNode,
+    ReadState,
+    Role,
+)
 
 ELECTION_TICK = 10
 # Settling: a leader heartbeats LEADER_QUIET_TICKS more ticks, its followers then stay awake
@@ -312,17 +322,27 @@ def test_a_follower_refuses_proposals_and_reads_naming_the_leader() -> None:
         c.drivers[follower].read_index(0, b"r")
 
 
-def test_a_cycle_must_be_advanced_before_the_next_is_collected() -> None:
+def test_a_busy_group_is_left_out_of_later_cycles_and_fed_nothing_until_advanced() -> None:
     c = Cluster()
     driver = c.drivers[1]
     driver.campaign(0)
     cycle = driver.collect()
-    assert not cycle.is_empty
+    assert not cycle.is_empty and driver.busy(0)
+    # A cycle collected while the first is out (its write being flushed) holds none of its
+    # groups, and nothing may be fed to them.
+    assert driver.collect().is_empty
     with pytest.raises(RuntimeError):
-        driver.collect()
+        driver.step(0, Message(MessageType.HEARTBEAT, to=1, frm=2, term=1))
+    with pytest.raises(RuntimeError):
+        driver.read_index(0, b"r")
+    with pytest.raises(RuntimeError):
+        driver.peer_alive(2, False)
     with pytest.raises(RuntimeError):
         driver.advance(Cycle(cycle.readies, {}))
     driver.advance(cycle)
+    assert not driver.busy(0)
+    with pytest.raises(RuntimeError):
+        driver.advance(cycle)  # once
     assert driver.collect().is_empty
 
 

@@ -277,3 +277,32 @@ def test_a_writer_is_answered_while_the_flush_of_its_apply_runs(tmp_path: Path) 
         assert await leader.read(0, b"a") == (b"1", done.version)
 
     run(tmp_path, scenario)
+
+
+def test_the_next_cycle_is_gathered_while_a_write_is_flushed(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        leader = net.runtimes[1]
+        store = net.stores[1]
+        await leader.write(3, [PutOp(b"b", b"1")])
+        gate = store.hold = Gate()
+        write = asyncio.ensure_future(leader.write(0, [PutOp(b"a", b"1")]))
+        try:
+            assert await asyncio.to_thread(gate.entered.wait, DEADLINE), "the write was not held"
+            # Group 0's write is out; group 3 is not busy, so a read of it goes its whole
+            # ReadIndex round meanwhile.
+            assert await leader.read(3, b"b") is not None
+            assert not write.done()
+            before = len(net.sent)
+            second = asyncio.ensure_future(leader.write(3, [PutOp(b"b", b"2")]))
+            await until(lambda: leader._driver.busy(3), "group 3's entry collected")
+            # ... but its write waits for the one that is out: nothing of it has left.
+            assert not [m for s, g, m in net.sent[before:] if s == 1 and g == 3 and m.entries]
+        finally:
+            store.hold = None
+            gate.release.set()
+        assert isinstance((await write)[0], WriteResult)
+        assert isinstance((await second)[0], WriteResult)
+        assert await leader.read(3, b"b") == (b"2", (await second)[0].version)
+        assert net.broken == []
+
+    run(tmp_path, scenario)

@@ -169,8 +169,8 @@ class MultiRaft:
         self._dirty: dict[int, None] = dict.fromkeys(self._nodes)  # may have a Ready
         self._pending_reads: dict[int, tuple[int, set[bytes]]] = {}  # group -> (term, ids)
         self._leader_lost: dict[int, int] = {}  # group -> leader seen campaigning
-        self._in_cycle: set[int] = set()
-        self._outstanding: Cycle | None = None
+        self._in_cycle: set[int] = set()  # groups of outstanding cycles
+        self._outstanding: list[Cycle] = []
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -190,6 +190,11 @@ class MultiRaft:
         """The group's core, to look at (committed, applied, log); drive it only through here."""
         return self._nodes[group]
 
+    def busy(self, group: int) -> bool:
+        """Whether ``group``'s Ready is out (collected, not yet advanced). Nothing may be fed
+        to a busy group; its messages, writes and reads wait until ``advance``."""
+        return group in self._in_cycle
+
     def is_asleep(self, group: int) -> bool:
         return group in self._asleep
 
@@ -208,8 +213,12 @@ class MultiRaft:
 
     # -- input -----------------------------------------------------------------------------------
     def tick(self) -> None:
-        """One driver tick: each awake group either falls asleep or is ticked once."""
+        """One driver tick: each awake group either falls asleep or is ticked once. A busy
+        group misses the tick (time in Raft is a lower bound)."""
+        in_cycle = self._in_cycle
         for group in list(self._awake):
+            if group in in_cycle:
+                continue
             node = self._nodes[group]
             if self._quiescence and self._settled(group, node):
                 if node.role is Role.LEADER:
@@ -228,11 +237,12 @@ class MultiRaft:
             self._dirty[group] = None
 
     def step(self, group: int, message: Message) -> None:
-        """Feed one message that a peer sent to ``group``."""
+        """Feed one message that a peer sent to ``group`` (not ``busy``)."""
         node = self._nodes.get(group)
         if node is None:
             self.stats.unknown_group_messages += 1
             return
+        self._check_idle(group)
         if (
             message.type in _VOTE_REQUESTS
             and message.frm == node.leader
@@ -252,6 +262,7 @@ class MultiRaft:
     def propose(self, group: int, data: bytes) -> int:
         """Append ``data`` to ``group``'s log; returns its index. Raises NotLeader (with the
         leader this node knows) or ProposalDropped, as ``RawNode.propose`` does."""
+        self._check_idle(group)
         index = self._nodes[group].propose(data)
         self.stats.proposals += 1
         self._dirty[group] = None
@@ -261,6 +272,7 @@ class MultiRaft:
     def read_index(self, group: int, request_id: bytes) -> None:
         """Ask for a linearizable read of ``group``; its ReadState comes in a later cycle (or
         never, if leadership is lost first). Raises NotLeader as ``RawNode.read_index`` does."""
+        self._check_idle(group)
         node = self._nodes[group]
         node.read_index(request_id)
         term, ids = self._pending_reads.get(group, (node.term, set()))
@@ -273,6 +285,7 @@ class MultiRaft:
 
     def campaign(self, group: int) -> None:
         """Start an election in ``group`` now (bootstrap, tests)."""
+        self._check_idle(group)
         self._nodes[group].campaign()
         self._dirty[group] = None
         self._wake(group)
@@ -306,6 +319,8 @@ class MultiRaft:
         its groups recover only when it campaigns (see ``step``)."""
         if peer == self.id or self._alive.get(peer, True) == alive:
             return
+        if self._outstanding:
+            raise RuntimeError("peer_alive() while a cycle is out: it may touch any group")
         self._alive[peer] = alive
         led_here = list(self._sleepers.get(self.id, ()))
         if alive:
@@ -325,13 +340,19 @@ class MultiRaft:
     # -- output ----------------------------------------------------------------------------------
     def collect(self) -> Cycle:
         """Every Ready of the groups that may have one (never a scan of all groups), their
-        messages split by whether they wait for the cycle's write (``Cycle``)."""
-        if self._outstanding is not None:
-            raise RuntimeError("advance() the previous cycle before collecting another")
+        messages split by whether they wait for the cycle's write (``Cycle``).
+
+        A cycle may be collected while earlier ones are out (their writes being flushed):
+        it holds none of their groups, which stay dirty until their cycle is advanced."""
         readies: list[GroupReady] = []
         outbox: dict[int, list[GroupMessage]] = {}
         early: dict[int, list[GroupMessage]] = {}
+        in_cycle = self._in_cycle
+        later: dict[int, None] = {}
         for group in self._dirty:
+            if group in in_cycle:
+                later[group] = None
+                continue
             node = self._nodes[group]
             if not node.has_ready():
                 continue
@@ -343,27 +364,32 @@ class MultiRaft:
             for message in ready.messages:
                 box.setdefault(message.to, []).append(GroupMessage(group, message))
             self._note_ready(group, node, ready)
-        self._dirty = {}
+        self._dirty = later
         cycle = Cycle(
             tuple(readies),
             {to: tuple(msgs) for to, msgs in outbox.items()},
             {to: tuple(msgs) for to, msgs in early.items()},
         )
         if readies:
-            self._outstanding = cycle
+            self._outstanding.append(cycle)
         return cycle
 
     def advance(self, cycle: Cycle) -> None:
-        """The runtime persisted, sent and applied ``cycle``."""
+        """The runtime persisted, sent and applied ``cycle`` (one that ``collect`` returned
+        and that is not advanced yet; cycles may be advanced in any order)."""
         if not cycle.readies:
             return
-        if cycle is not self._outstanding:
-            raise RuntimeError("advance() takes the cycle that collect() returned last")
+        if not any(out is cycle for out in self._outstanding):
+            raise RuntimeError("advance() takes a cycle that collect() returned, once")
+        self._outstanding = [out for out in self._outstanding if out is not cycle]
         for item in cycle.readies:
             self._nodes[item.group].advance(item.ready)
             self._dirty[item.group] = None
-        self._in_cycle.clear()
-        self._outstanding = None
+            self._in_cycle.discard(item.group)
+
+    def _check_idle(self, group: int) -> None:
+        if group in self._in_cycle:
+            raise RuntimeError(f"group {group} is busy: its Ready is out until advance()")
 
     # -- sleeping and waking ---------------------------------------------------------------------
     def _settled(self, group: int, node: RawNode) -> bool:

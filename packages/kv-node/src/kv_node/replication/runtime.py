@@ -19,8 +19,16 @@ contract (``kv_raft``'s package docstring) requires, for all groups at once:
    durable state), each peer's together.
 4. Reads are answered once what they wait for is applied; ``advance`` tells the driver.
 
-Everything that touches the driver runs in the runtime's own task, one cycle at a time, so
-the driver needs no locks; what arrives during a cycle waits in the inboxes (messages are
+A cycle's write is out while the next cycle is gathered (pipelining): at most one write is
+out at a time, and the groups of its Readies are *busy* (``MultiRaft.busy``) until it is
+advanced. A busy group is left out of later cycles and is fed nothing meanwhile: its messages,
+writes and reads wait in the inboxes, so each group still sees Ready, persist, send, advance
+strictly in turn. The other groups go on: a read of an idle group completes during another
+group's flush, and the next cycle's entries are ready to write the moment the flush ends.
+Liveness changes may touch any group and wait until no write is out.
+
+Everything that touches the driver runs in the runtime's own task (the write's completion
+too), so the driver needs no locks; what arrives meanwhile waits in the inboxes (messages are
 bounded by ``MAX_INBOX``; writes and reads by the node's admission bound on calls).
 """
 
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kv_node.replication.command import CommandError, encode_command
-from kv_node.replication.multiraft import GroupMessage, GroupReady, MultiRaft
+from kv_node.replication.multiraft import Cycle, GroupMessage, GroupReady, MultiRaft
 from kv_node.replication.pending import EntryFailed, LeadershipLost, Proposals, Reads
 from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
 from kv_node.store import GetOp, Op, Outcome
@@ -107,6 +115,8 @@ class ReplicationRuntime:
         self._inbox = _Inbox()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[None] | None = None
+        """The cycle whose write is out (at most one): the next cycle is gathered meanwhile."""
         self._stopping = False
         self.stopped = asyncio.Event()
         """Set when the runtime's loop has ended, by ``stop`` or by a failed cycle."""
@@ -194,47 +204,65 @@ class ReplicationRuntime:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + self._tick_seconds
-        while not self._stopping:
-            wait = next_tick - loop.time()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-            self._wake.clear()
-            if self._stopping:
-                break
-            now = loop.time()
-            if now >= next_tick:
-                self._driver.tick()
-                self._reads.tick()
-                # A late cycle (a slow fsync) skips ticks rather than bunching them: time in
-                # Raft is a lower bound, and bunched ticks would start elections at once.
-                next_tick = max(next_tick + self._tick_seconds, now)
-            try:
+        try:
+            while not self._stopping:
+                wait = next_tick - loop.time()
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                self._wake.clear()
+                if self._stopping:
+                    break
+                now = loop.time()
+                if now >= next_tick:
+                    self._driver.tick()
+                    self._reads.tick()
+                    # A late cycle (a slow fsync) skips ticks rather than bunching them: time
+                    # in Raft is a lower bound, and bunched ticks would start elections at once.
+                    next_tick = max(next_tick + self._tick_seconds, now)
                 await self._cycle()
-            except Exception as exc:
-                # The store failed (fsync, a full disk): what reached the disk is unknown, so
-                # going on could break a promise already made. Stop replicating, fail every
-                # caller, and let the node exit (``stopped``), as etcd does.
-                log.exception("replication stopped: a cycle failed")
-                self.failure = exc
-                self._stopping = True
-                self._fail_waiting(RuntimeError(f"replication stopped: {exc}"))
-                self.stopped.set()
-                raise
+            await self._written()
+        except Exception as exc:
+            # The store failed (fsync, a full disk): what reached the disk is unknown, so
+            # going on could break a promise already made. Stop replicating, fail every
+            # caller, and let the node exit (``stopped``), as etcd does.
+            log.exception("replication stopped: a cycle failed")
+            self.failure = exc
+            self._stopping = True
+            self._fail_waiting(RuntimeError(f"replication stopped: {exc}"))
+            self.stopped.set()
+            raise
         self.stopped.set()
+
+    async def _written(self) -> None:
+        """Wait for the write that is out, if any; its failure raises here."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
 
     async def _cycle(self) -> None:
         driver = self._driver
+        if self._writing is not None and self._writing.done():
+            await self._written()  # done: raises at once if that write failed
         inbox, self._inbox = self._inbox, _Inbox()
-        for raft_id, alive in inbox.liveness:
-            driver.peer_alive(raft_id, alive)
-        for raft_id in inbox.connected:
-            driver.peer_connected(raft_id)
+        if self._writing is None:
+            for raft_id, alive in inbox.liveness:
+                driver.peer_alive(raft_id, alive)
+            for raft_id in inbox.connected:
+                driver.peer_connected(raft_id)
+        else:  # they may touch any group, busy ones too: after the write
+            self._inbox.liveness[:0] = inbox.liveness
+            self._inbox.connected[:0] = inbox.connected
+        busy = driver.busy
+        later = self._inbox.messages
         for group, message in inbox.messages:
-            driver.step(group, message)
+            if busy(group):
+                later.append((group, message))  # stepped once its Ready is advanced
+            else:
+                driver.step(group, message)
         # One caller's bad request must never stop the runtime: every refusal below fails
         # only the callers it concerns.
-        for group, ops, waiters in self._proposals.take():
+        for group, ops, waiters in self._proposals.take(busy):
             try:
                 data = encode_command(ops)
             except CommandError as bad:
@@ -246,7 +274,7 @@ class ReplicationRuntime:
                 self._proposals.refused(waiters, LeadershipLost(group, driver.leader(group)))
                 continue
             self._proposals.proposed(group, index, driver.term(group), waiters)
-        for group, request_id in self._reads.requests():
+        for group, request_id in self._reads.requests(busy):
             try:
                 driver.read_index(group, request_id)
             except ProposalDropped:
@@ -261,20 +289,32 @@ class ReplicationRuntime:
         writing = [item for item in cycle.readies if item.writes]
         if len(writing) < len(cycle.readies):
             self._answer([item for item in cycle.readies if not item.writes])
-        if writing:
-            writes = [GroupWrite.from_ready(item.group, item.ready) for item in writing]
-            loop = asyncio.get_running_loop()
+        if not writing:
+            driver.advance(cycle)
+            return
+        # One write at a time, in cycle order. This cycle was gathered while the previous
+        # one's flush ran; now it waits for that flush, and the next is gathered during its own.
+        await self._written()
+        task = asyncio.get_running_loop().create_task(self._write(cycle, writing))
+        task.add_done_callback(lambda _: self._wake.set())  # a failure is seen at once
+        self._writing = task
 
-            def answer_early(applied: CommitResult) -> None:
-                # From the worker thread, before the flush: the writers' outcomes are final
-                # (see ``ReplicaStore.commit``); they reach the loop before the flush ends.
-                loop.call_soon_threadsafe(self._answer_writes, applied)
+    async def _write(self, cycle: Cycle, writing: list[GroupReady]) -> None:
+        """Persist and apply the cycle's Readies that write, then send their messages, serve
+        what waited for them and advance the cycle. Its groups are busy until then."""
+        writes = [GroupWrite.from_ready(item.group, item.ready) for item in writing]
+        loop = asyncio.get_running_loop()
 
-            await asyncio.to_thread(self._commit, writes, answer_early)
-            self.stats.cycles += 1
-            self._send(cycle.outbox)
-            self._answer(writing)
-        driver.advance(cycle)
+        def answer_early(applied: CommitResult) -> None:
+            # From the worker thread, before the flush: the writers' outcomes are final
+            # (see ``ReplicaStore.commit``); they reach the loop before the flush ends.
+            loop.call_soon_threadsafe(self._answer_writes, applied)
+
+        await asyncio.to_thread(self._commit, writes, answer_early)
+        self.stats.cycles += 1
+        self._send(cycle.outbox)
+        self._answer(writing)
+        self._driver.advance(cycle)
 
     def _commit(
         self, writes: list[GroupWrite], on_applied: Callable[[CommitResult], None]
