@@ -78,6 +78,8 @@ class Cluster:
                     self.read_states[node, g] = []
         self.down: set[int] = set()
         self.cut: set[frozenset[int]] = set()
+        self.drop: Callable[[int, int, GroupMessage], bool] = lambda src, dst, gm: False
+        """Loses the messages it picks (in addition to ``cut`` and ``loss``)."""
         self.now = 0
         self.sent = 0
         self.in_flight: list[tuple[int, int, int, GroupMessage]] = []
@@ -154,6 +156,8 @@ class Cluster:
     def _send(self, src: int, dst: int, gm: GroupMessage) -> None:
         self.sent += 1
         if self._blocked(src, dst) or (self.loss and self.rng.random() < self.loss):
+            return
+        if self.drop(src, dst, gm):
             return
         delay = self.rng.randint(0, self.max_delay) if self.max_delay else 0
         self.in_flight.append((self.now + delay, src, dst, gm))
@@ -403,6 +407,34 @@ def test_a_proposal_wakes_only_its_group_and_commits(idle: Cluster) -> None:
         assert idle.drivers[n].awake_count <= 1
     idle.run_until(idle.all_asleep, max_ticks=SLEEP_BOUND)
     assert {g: idle.drivers[1].term(g) for g in idle.voters} == terms
+
+
+def test_a_follower_that_lost_the_commit_learns_it_before_its_leader_sleeps(
+    idle: Cluster,
+) -> None:
+    group = 5
+    leader = idle.leader(group)
+    assert leader is not None
+    follower = min(idle.voters[group] - {leader})
+
+    def commit_only(src: int, dst: int, gm: GroupMessage) -> bool:
+        m = gm.message
+        return dst == follower and m.type is MessageType.APPEND and not m.entries
+
+    idle.drop = commit_only
+    idle.propose(group, b"wake up")
+    idle.run(1)
+    last = idle.drivers[leader].raw_node(group).log.last_index()
+    assert idle.drivers[follower].raw_node(group).log.last_index() == last
+    assert idle.applied[follower, group][-1].data != b"wake up", "the commit was not lost"
+    # The leader's quiet heartbeat, at the next tick, carries the commit index; nobody
+    # campaigns for it.
+    terms = {g: idle.drivers[leader].term(g) for g in idle.voters}
+    idle.run(1)
+    assert idle.applied[follower, group][-1].data == b"wake up"
+    idle.drop = lambda src, dst, gm: False
+    idle.run_until(idle.all_asleep, max_ticks=SLEEP_BOUND)
+    assert {g: idle.drivers[leader].term(g) for g in idle.voters} == terms
 
 
 def test_a_read_wakes_its_group_and_is_confirmed(idle: Cluster) -> None:
