@@ -18,6 +18,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from kv_node.replication.multiraft import MultiRaft
 from kv_node.replication.runtime import ReplicationRuntime
@@ -32,6 +33,8 @@ node campaigns when its links come up."""
 MAP_SIZE = 1 << 24
 DEADLINE = 20.0
 """Only a failing test waits this long."""
+LOOP_TURNS = 50
+"""Event-loop iterations that let every task ready to run do so (yields, not a wait)."""
 NEVER = 3600.0
 """Tick length: no tick happens during a test, so nothing but the test starts an election."""
 
@@ -74,6 +77,18 @@ class HeldStore(ReplicaStore):
             flush.pass_through()
 
         return super().commit(writes, applied_then_held)
+
+
+class Driver(MultiRaft):
+    """Records, for each proposal, whether node 2 was believed alive when it was made."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proposals: list[tuple[int, bool]] = []
+
+    def propose(self, group: int, data: bytes) -> int:
+        self.proposals.append((group, self.alive(2)))
+        return super().propose(group, data)
 
 
 class Net:
@@ -139,7 +154,7 @@ async def started(tmp_path: Path) -> Net:
         store = HeldStore.open(tmp_path / f"n{node}", map_size=MAP_SIZE, sync=False)
         assert isinstance(store, HeldStore)
         store.bootstrap(dict.fromkeys(GROUPS, voters))
-        driver = MultiRaft(
+        driver = Driver(
             node,
             dict.fromkeys(GROUPS, NODES),
             {g: store.group(g) for g in GROUPS},
@@ -304,5 +319,31 @@ def test_the_next_cycle_is_gathered_while_a_write_is_flushed(tmp_path: Path) -> 
         assert isinstance((await second)[0], WriteResult)
         assert await leader.read(3, b"b") == (b"2", (await second)[0].version)
         assert net.broken == []
+
+    run(tmp_path, scenario)
+
+
+def test_a_peer_death_is_applied_before_the_next_write_even_under_load(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        leader = net.runtimes[1]
+        store = net.stores[1]
+        gate = store.hold = Gate()
+        first = asyncio.ensure_future(leader.write(0, [PutOp(b"a", b"1")]))
+        try:
+            assert await asyncio.to_thread(gate.entered.wait, DEADLINE), "the write was not held"
+            leader.on_peer_state(2, False)
+            # Another write is queued behind the liveness change, while the first is out;
+            # the loop runs everything ready (no clock involved) before the release.
+            second = asyncio.ensure_future(leader.write(3, [PutOp(b"b", b"1")]))
+            for _ in range(LOOP_TURNS):
+                await asyncio.sleep(0)
+        finally:
+            store.hold = None
+            gate.release.set()
+        assert isinstance((await first)[0], WriteResult)
+        assert isinstance((await second)[0], WriteResult)
+        driver = leader._driver
+        assert isinstance(driver, Driver)
+        assert driver.proposals[-1] == (3, False), "proposed before node 2's death applied"
 
     run(tmp_path, scenario)

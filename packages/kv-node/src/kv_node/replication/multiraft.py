@@ -194,6 +194,10 @@ class MultiRaft:
         """The group's core, to look at (committed, applied, log); drive it only through here."""
         return self._nodes[group]
 
+    def alive(self, peer: int) -> bool:
+        """The last verdict ``peer_alive`` applied on ``peer`` (alive until told otherwise)."""
+        return self._alive.get(peer, True)
+
     def busy(self, group: int) -> bool:
         """Whether ``group``'s Ready is out (collected, not yet advanced). Nothing may be fed
         to a busy group; its messages, writes and reads wait until ``advance``."""

@@ -25,7 +25,8 @@ advanced. A busy group is left out of later cycles and is fed nothing meanwhile:
 writes and reads wait in the inboxes, so each group still sees Ready, persist, send, advance
 strictly in turn. The other groups go on: a read of an idle group completes during another
 group's flush, and the next cycle's entries are ready to write the moment the flush ends.
-Liveness changes may touch any group and wait until no write is out.
+Liveness changes may touch any group: the next cycle waits for the write that is out, then
+applies them.
 
 Everything that touches the driver runs in the runtime's own task (the write's completion
 too), so the driver needs no locks; what arrives meanwhile waits in the inboxes (messages are
@@ -242,17 +243,19 @@ class ReplicationRuntime:
 
     async def _cycle(self) -> None:
         driver = self._driver
-        if self._writing is not None and self._writing.done():
-            await self._written()  # done: raises at once if that write failed
+        pending = self._inbox
+        if self._writing is not None and (
+            self._writing.done() or pending.liveness or pending.connected
+        ):
+            # A liveness change waits for the write that is out (it may touch any group),
+            # but never longer: under load a write is nearly always out, and deferring it
+            # to a moment with none would starve failover.
+            await self._written()  # raises at once if that write failed
         inbox, self._inbox = self._inbox, _Inbox()
-        if self._writing is None:
-            for raft_id, alive in inbox.liveness:
-                driver.peer_alive(raft_id, alive)
-            for raft_id in inbox.connected:
-                driver.peer_connected(raft_id)
-        else:  # they may touch any group, busy ones too: after the write
-            self._inbox.liveness[:0] = inbox.liveness
-            self._inbox.connected[:0] = inbox.connected
+        for raft_id, alive in inbox.liveness:  # none are left while a write is out
+            driver.peer_alive(raft_id, alive)
+        for raft_id in inbox.connected:
+            driver.peer_connected(raft_id)
         busy = driver.busy
         later = self._inbox.messages
         for group, message in inbox.messages:
