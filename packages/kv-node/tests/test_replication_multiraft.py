@@ -20,7 +20,17 @@ from kv_node.replication.multiraft import (
     GroupMessage,
     MultiRaft,
 )
-from kv_raft import ConfState, Entry, MemoryStorage, NotLeader, RawNode, ReadState, Role
+from kv_raft import (
+    ConfState,
+    Entry,
+    MemoryStorage,
+    Message,
+    MessageType,
+    NotLeader,
+    RawNode,
+    ReadState,
+    Role,
+)
 
 ELECTION_TICK = 10
 # Settling: a leader heartbeats LEADER_QUIET_TICKS more ticks, its followers then stay awake
@@ -68,6 +78,8 @@ class Cluster:
                     self.read_states[node, g] = []
         self.down: set[int] = set()
         self.cut: set[frozenset[int]] = set()
+        self.drop: Callable[[int, int, GroupMessage], bool] = lambda src, dst, gm: False
+        """Loses the messages it picks (in addition to ``cut`` and ``loss``)."""
         self.now = 0
         self.sent = 0
         self.in_flight: list[tuple[int, int, int, GroupMessage]] = []
@@ -117,16 +129,24 @@ class Cluster:
                 key = (g, driver.term(g))
                 first = self.leader_of_term.setdefault(key, node)
                 assert first == node, f"seed {self.seed}: group {g} term {key[1]}: two leaders"
+        boxes = (cycle.early, cycle.outbox)
         regrouped = sorted(
-            (gm.group, gm.message.to, id(gm.message)) for ms in cycle.outbox.values() for gm in ms
+            (gm.group, gm.message.to, id(gm.message))
+            for box in boxes
+            for ms in box.values()
+            for gm in ms
         )
         assert regrouped == sorted(
             (item.group, m.to, id(m)) for item in cycle.readies for m in item.ready.messages
         )
-        for dst, messages in cycle.outbox.items():
-            for gm in messages:
-                assert gm.message.to == dst
-                self._send(node, dst, gm)
+        writing = {item.group for item in cycle.readies if item.writes}
+        for box in boxes:
+            for dst, messages in box.items():
+                for gm in messages:
+                    assert gm.message.to == dst
+                    # Only a Ready that writes nothing may send before the cycle's write.
+                    assert (gm.group in writing) == (box is cycle.outbox)
+                    self._send(node, dst, gm)
         driver.advance(cycle)
         return True
 
@@ -136,6 +156,8 @@ class Cluster:
     def _send(self, src: int, dst: int, gm: GroupMessage) -> None:
         self.sent += 1
         if self._blocked(src, dst) or (self.loss and self.rng.random() < self.loss):
+            return
+        if self.drop(src, dst, gm):
             return
         delay = self.rng.randint(0, self.max_delay) if self.max_delay else 0
         self.in_flight.append((self.now + delay, src, dst, gm))
@@ -304,17 +326,27 @@ def test_a_follower_refuses_proposals_and_reads_naming_the_leader() -> None:
         c.drivers[follower].read_index(0, b"r")
 
 
-def test_a_cycle_must_be_advanced_before_the_next_is_collected() -> None:
+def test_a_busy_group_is_left_out_of_later_cycles_and_fed_nothing_until_advanced() -> None:
     c = Cluster()
     driver = c.drivers[1]
     driver.campaign(0)
     cycle = driver.collect()
-    assert not cycle.is_empty
+    assert not cycle.is_empty and driver.busy(0)
+    # A cycle collected while the first is out (its write being flushed) holds none of its
+    # groups, and nothing may be fed to them.
+    assert driver.collect().is_empty
     with pytest.raises(RuntimeError):
-        driver.collect()
+        driver.step(0, Message(MessageType.HEARTBEAT, to=1, frm=2, term=1))
+    with pytest.raises(RuntimeError):
+        driver.read_index(0, b"r")
+    with pytest.raises(RuntimeError):
+        driver.peer_alive(2, False)
     with pytest.raises(RuntimeError):
         driver.advance(Cycle(cycle.readies, {}))
     driver.advance(cycle)
+    assert not driver.busy(0)
+    with pytest.raises(RuntimeError):
+        driver.advance(cycle)  # once
     assert driver.collect().is_empty
 
 
@@ -375,6 +407,34 @@ def test_a_proposal_wakes_only_its_group_and_commits(idle: Cluster) -> None:
         assert idle.drivers[n].awake_count <= 1
     idle.run_until(idle.all_asleep, max_ticks=SLEEP_BOUND)
     assert {g: idle.drivers[1].term(g) for g in idle.voters} == terms
+
+
+def test_a_follower_that_lost_the_commit_learns_it_before_its_leader_sleeps(
+    idle: Cluster,
+) -> None:
+    group = 5
+    leader = idle.leader(group)
+    assert leader is not None
+    follower = min(idle.voters[group] - {leader})
+
+    def commit_only(src: int, dst: int, gm: GroupMessage) -> bool:
+        m = gm.message
+        return dst == follower and m.type is MessageType.APPEND and not m.entries
+
+    idle.drop = commit_only
+    idle.propose(group, b"wake up")
+    idle.run(1)
+    last = idle.drivers[leader].raw_node(group).log.last_index()
+    assert idle.drivers[follower].raw_node(group).log.last_index() == last
+    assert idle.applied[follower, group][-1].data != b"wake up", "the commit was not lost"
+    # The leader's quiet heartbeat, at the next tick, carries the commit index; nobody
+    # campaigns for it.
+    terms = {g: idle.drivers[leader].term(g) for g in idle.voters}
+    idle.run(1)
+    assert idle.applied[follower, group][-1].data == b"wake up"
+    idle.drop = lambda src, dst, gm: False
+    idle.run_until(idle.all_asleep, max_ticks=SLEEP_BOUND)
+    assert {g: idle.drivers[leader].term(g) for g in idle.voters} == terms
 
 
 def test_a_read_wakes_its_group_and_is_confirmed(idle: Cluster) -> None:

@@ -29,7 +29,7 @@ and reissued after ``reissue_ticks`` ticks otherwise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -39,6 +39,10 @@ DEFAULT_MAX_ENTRY_OPS = 1024
 """Most ops one entry carries: bounds an entry's size and its apply time."""
 DEFAULT_REISSUE_TICKS = 20
 """A ReadIndex request unanswered this long (two election timeouts) is asked again."""
+
+
+def _never(group: int) -> bool:
+    return False
 
 
 class ProposalLost(Exception):
@@ -105,13 +109,19 @@ class Proposals:
         tail.written |= written
         return future
 
-    def take(self) -> Iterator[tuple[int, list[Op], list[_Waiter]]]:
-        """Everything queued, one (group, ops, waiters) per entry to propose; the queues empty.
+    def take(
+        self, busy: Callable[[int], bool] = _never
+    ) -> Iterator[tuple[int, list[Op], list[_Waiter]]]:
+        """Everything queued, one (group, ops, waiters) per entry to propose; the queues empty,
+        but for the groups that are ``busy`` (their Ready is out), whose writes stay queued.
 
         Callers that gave up (cancelled futures) are dropped here, before their ops are
         proposed; once proposed, a write happens even if its caller stopped waiting."""
         queued, self._queued = self._queued, {}
         for group, queues in queued.items():
+            if busy(group):
+                self._queued[group] = queues
+                continue
             for queue in queues:
                 ops: list[Op] = []
                 waiters: list[_Waiter] = []
@@ -213,10 +223,13 @@ class Reads:
     def tick(self) -> None:
         self._tick += 1
 
-    def requests(self) -> Iterator[tuple[int, bytes]]:
+    def requests(self, busy: Callable[[int], bool] = _never) -> Iterator[tuple[int, bytes]]:
         """The ReadIndex requests to issue now: (group, request id) for each group with reads
-        queued and no request in flight (or one unanswered for ``reissue_ticks``)."""
+        queued and no request in flight (or one unanswered for ``reissue_ticks``), but for
+        the groups that are ``busy`` (their Ready is out): those ask later."""
         for group, reads in self._groups.items():
+            if busy(group):
+                continue
             in_flight = reads.in_flight
             if in_flight is not None:
                 if self._tick - in_flight.issued_tick < self._reissue_ticks:

@@ -9,15 +9,27 @@ contract (``kv_raft``'s package docstring) requires, for all groups at once:
    change), it feeds the driver: messages received since the last cycle, writes queued for
    each group (one entry per group per cycle, more for large or conflicting ones; see
    ``pending``), ReadIndex requests.
-2. ``collect()`` gives every group's Ready. One write transaction persists all their log
-   entries, hard states and snapshots and applies all their committed entries, with at most
-   one fsync, in a worker thread (fsync blocks).
-3. Only then are the messages sent (a vote or an append acknowledgement promises durable
-   state), each peer's together.
-4. Callers are answered from what was applied; ``advance`` tells the driver.
+2. ``collect()`` gives every group's Ready. The messages and read states of Readies that
+   write nothing are sent and served at once. One write transaction persists all the other
+   Readies' log entries, hard states and snapshots and applies all their committed entries,
+   with at most one fsync, in a worker thread (fsync blocks). Writers are answered from
+   what was applied as soon as it is in the transaction, while the flush runs: their
+   entries are committed, that is durable on a quorum already (``ReplicaStore.commit``).
+3. Only then are those Readies' messages sent (a vote or an append acknowledgement promises
+   durable state), each peer's together.
+4. Reads are answered once what they wait for is applied; ``advance`` tells the driver.
 
-Everything that touches the driver runs in the runtime's own task, one cycle at a time, so
-the driver needs no locks; what arrives during a cycle waits in the inboxes (messages are
+A cycle's write is out while the next cycle is gathered (pipelining): at most one write is
+out at a time, and the groups of its Readies are *busy* (``MultiRaft.busy``) until it is
+advanced. A busy group is left out of later cycles and is fed nothing meanwhile: its messages,
+writes and reads wait in the inboxes, so each group still sees Ready, persist, send, advance
+strictly in turn. The other groups go on: a read of an idle group completes during another
+group's flush, and the next cycle's entries are ready to write the moment the flush ends.
+Liveness changes may touch any group: the next cycle waits for the write that is out, then
+applies them.
+
+Everything that touches the driver runs in the runtime's own task (the write's completion
+too), so the driver needs no locks; what arrives meanwhile waits in the inboxes (messages are
 bounded by ``MAX_INBOX``; writes and reads by the node's admission bound on calls).
 """
 
@@ -26,15 +38,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kv_node.replication.command import CommandError, encode_command
-from kv_node.replication.multiraft import Cycle, MultiRaft
+from kv_node.replication.multiraft import Cycle, GroupMessage, GroupReady, MultiRaft
 from kv_node.replication.pending import EntryFailed, LeadershipLost, Proposals, Reads
 from kv_node.replication.storage import CommitResult, GroupWrite, ReplicaStore
-from kv_node.store import Op, Outcome
+from kv_node.store import GetOp, Op, Outcome
 from kv_raft import Message, ProposalDropped, Role
 
 log = logging.getLogger(__name__)
@@ -104,6 +116,8 @@ class ReplicationRuntime:
         self._inbox = _Inbox()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[None] | None = None
+        """The cycle whose write is out (at most one): the next cycle is gathered meanwhile."""
         self._stopping = False
         self.stopped = asyncio.Event()
         """Set when the runtime's loop has ended, by ``stop`` or by a failed cycle."""
@@ -116,8 +130,17 @@ class ReplicationRuntime:
         """Apply ``ops`` (in order, as one unit) through the group's log; outcomes per op.
 
         Raises ``LeadershipLost`` (with the leader this node knows) when it does not lead the
-        group, and ``ProposalLost`` when another leader's entry replaced the write's."""
+        group, and ``ProposalLost`` when another leader's entry replaced the write's.
+
+        Ops that are all gets (the SDK coalesces single gets into such batches) are served
+        through ReadIndex, as ``read`` is: as linearizable as an entry in the log, from one
+        applied state, and without a log entry or any fsync."""
         self._check_running()
+        if ops and all(isinstance(op, GetOp) for op in ops):
+            ready = self._reads.queue(group)
+            self._wake.set()
+            await ready
+            return list(self._store.get_many(group, [op.key for op in ops]))
         future = self._proposals.queue(group, ops)
         self._wake.set()
         return await future
@@ -182,47 +205,67 @@ class ReplicationRuntime:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + self._tick_seconds
-        while not self._stopping:
-            wait = next_tick - loop.time()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-            self._wake.clear()
-            if self._stopping:
-                break
-            now = loop.time()
-            if now >= next_tick:
-                self._driver.tick()
-                self._reads.tick()
-                # A late cycle (a slow fsync) skips ticks rather than bunching them: time in
-                # Raft is a lower bound, and bunched ticks would start elections at once.
-                next_tick = max(next_tick + self._tick_seconds, now)
-            try:
+        try:
+            while not self._stopping:
+                wait = next_tick - loop.time()
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                self._wake.clear()
+                if self._stopping:
+                    break
+                now = loop.time()
+                if now >= next_tick:
+                    self._driver.tick()
+                    self._reads.tick()
+                    # A late cycle (a slow fsync) skips ticks rather than bunching them: time
+                    # in Raft is a lower bound, and bunched ticks would start elections at once.
+                    next_tick = max(next_tick + self._tick_seconds, now)
                 await self._cycle()
-            except Exception as exc:
-                # The store failed (fsync, a full disk): what reached the disk is unknown, so
-                # going on could break a promise already made. Stop replicating, fail every
-                # caller, and let the node exit (``stopped``), as etcd does.
-                log.exception("replication stopped: a cycle failed")
-                self.failure = exc
-                self._stopping = True
-                self._fail_waiting(RuntimeError(f"replication stopped: {exc}"))
-                self.stopped.set()
-                raise
+            await self._written()
+        except Exception as exc:
+            # The store failed (fsync, a full disk): what reached the disk is unknown, so
+            # going on could break a promise already made. Stop replicating, fail every
+            # caller, and let the node exit (``stopped``), as etcd does.
+            log.exception("replication stopped: a cycle failed")
+            self.failure = exc
+            self._stopping = True
+            self._fail_waiting(RuntimeError(f"replication stopped: {exc}"))
+            self.stopped.set()
+            raise
         self.stopped.set()
+
+    async def _written(self) -> None:
+        """Wait for the write that is out, if any; its failure raises here."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
 
     async def _cycle(self) -> None:
         driver = self._driver
+        pending = self._inbox
+        if self._writing is not None and (
+            self._writing.done() or pending.liveness or pending.connected
+        ):
+            # A liveness change waits for the write that is out (it may touch any group),
+            # but never longer: under load a write is nearly always out, and deferring it
+            # to a moment with none would starve failover.
+            await self._written()  # raises at once if that write failed
         inbox, self._inbox = self._inbox, _Inbox()
-        for raft_id, alive in inbox.liveness:
+        for raft_id, alive in inbox.liveness:  # none are left while a write is out
             driver.peer_alive(raft_id, alive)
         for raft_id in inbox.connected:
             driver.peer_connected(raft_id)
+        busy = driver.busy
+        later = self._inbox.messages
         for group, message in inbox.messages:
-            driver.step(group, message)
+            if busy(group):
+                later.append((group, message))  # stepped once its Ready is advanced
+            else:
+                driver.step(group, message)
         # One caller's bad request must never stop the runtime: every refusal below fails
         # only the callers it concerns.
-        for group, ops, waiters in self._proposals.take():
+        for group, ops, waiters in self._proposals.take(busy):
             try:
                 data = encode_command(ops)
             except CommandError as bad:
@@ -234,7 +277,7 @@ class ReplicationRuntime:
                 self._proposals.refused(waiters, LeadershipLost(group, driver.leader(group)))
                 continue
             self._proposals.proposed(group, index, driver.term(group), waiters)
-        for group, request_id in self._reads.requests():
+        for group, request_id in self._reads.requests(busy):
             try:
                 driver.read_index(group, request_id)
             except ProposalDropped:
@@ -243,17 +286,45 @@ class ReplicationRuntime:
         cycle = driver.collect()
         if cycle.is_empty:
             return
-        writes = [GroupWrite.from_ready(item.group, item.ready) for item in cycle.readies]
-        results = await asyncio.to_thread(self._commit, writes)
-        self.stats.cycles += 1
-        self._send(cycle)
-        self._answer(cycle, results)
-        driver.advance(cycle)
+        # Readies that write nothing (ReadIndex and heartbeat rounds, their answers, read
+        # states) are done before the write: an fsync for other groups need not delay them.
+        self._send(cycle.early)
+        writing = [item for item in cycle.readies if item.writes]
+        if len(writing) < len(cycle.readies):
+            self._answer([item for item in cycle.readies if not item.writes])
+        if not writing:
+            driver.advance(cycle)
+            return
+        # One write at a time, in cycle order. This cycle was gathered while the previous
+        # one's flush ran; now it waits for that flush, and the next is gathered during its own.
+        await self._written()
+        task = asyncio.get_running_loop().create_task(self._write(cycle, writing))
+        task.add_done_callback(lambda _: self._wake.set())  # a failure is seen at once
+        self._writing = task
 
-    def _commit(self, writes: list[GroupWrite]) -> CommitResult:
+    async def _write(self, cycle: Cycle, writing: list[GroupReady]) -> None:
+        """Persist and apply the cycle's Readies that write, then send their messages, serve
+        what waited for them and advance the cycle. Its groups are busy until then."""
+        writes = [GroupWrite.from_ready(item.group, item.ready) for item in writing]
+        loop = asyncio.get_running_loop()
+
+        def answer_early(applied: CommitResult) -> None:
+            # From the worker thread, before the flush: the writers' outcomes are final
+            # (see ``ReplicaStore.commit``); they reach the loop before the flush ends.
+            loop.call_soon_threadsafe(self._answer_writes, applied)
+
+        await asyncio.to_thread(self._commit, writes, answer_early)
+        self.stats.cycles += 1
+        self._send(cycle.outbox)
+        self._answer(writing)
+        self._driver.advance(cycle)
+
+    def _commit(
+        self, writes: list[GroupWrite], on_applied: Callable[[CommitResult], None]
+    ) -> CommitResult:
         """The cycle's one transaction, then compaction of logs grown past the bound (in the
         same worker thread; nothing reads the store while a cycle is out)."""
-        results = self._store.commit(writes)
+        results = self._store.commit(writes, on_applied)
         for group in results:
             applied = self._store.applied(group)
             if applied - self._store.group(group).first_index() + 1 > self._compact_after:
@@ -261,16 +332,30 @@ class ReplicationRuntime:
                 self.stats.compactions += 1
         return results
 
-    def _send(self, cycle: Cycle) -> None:
-        for raft_id, messages in cycle.outbox.items():
+    def _send(self, outbox: Mapping[int, Sequence[GroupMessage]]) -> None:
+        for raft_id, messages in outbox.items():
             self._transport.send(raft_id, [(item.group, item.message) for item in messages])
             self.stats.messages_sent += len(messages)
             self.stats.snapshots_sent += sum(item.message.snapshot is not None for item in messages)
 
-    def _answer(self, cycle: Cycle, results: CommitResult) -> None:
+    def _answer_writes(self, results: CommitResult) -> None:
+        """Each writer gets its outcomes (or learns its entry was replaced or failed)."""
         proposals = self._proposals
+        for group, applied_entries in results.items():
+            for applied_entry in applied_entries:
+                if applied_entry.error is not None:
+                    proposals.failed(
+                        group, applied_entry.index, applied_entry.term, applied_entry.error
+                    )
+                else:
+                    proposals.applied(
+                        group, applied_entry.index, applied_entry.term, applied_entry.outcomes
+                    )
+
+    def _answer(self, readies: Sequence[GroupReady]) -> None:
+        """Leader changes and reads; the writers were answered by ``_answer_writes``."""
         reads = self._reads
-        for item in cycle.readies:
+        for item in readies:
             group, rd = item.group, item.ready
             if rd.soft_state is not None:
                 # A ReadIndex request is lost with the leadership: only a role or leader
@@ -282,15 +367,6 @@ class ReplicationRuntime:
                 self.stats.leader_changes += 1
                 if self._on_leader_change is not None:
                     self._on_leader_change(group, leader)
-            for applied_entry in results.get(group, ()):
-                if applied_entry.error is not None:
-                    proposals.failed(
-                        group, applied_entry.index, applied_entry.term, applied_entry.error
-                    )
-                else:
-                    proposals.applied(
-                        group, applied_entry.index, applied_entry.term, applied_entry.outcomes
-                    )
             self.stats.entries_applied += len(rd.committed_entries)
             applied = self._store.applied(group)
             for state in rd.read_states:

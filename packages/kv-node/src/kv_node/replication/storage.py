@@ -397,8 +397,24 @@ class ReplicaStore:
             return None
         return record[_VERSION.size :], _VERSION.unpack_from(record)[0]
 
+    def get_many(self, group: int, keys: Sequence[bytes]) -> list[ReadResult]:
+        """``GetOp`` outcomes for ``keys``, all as of one applied state (one read transaction),
+        as the log gives the gets of one entry."""
+        with self._env.begin(db=self._data) as txn:
+            records = [self._record(txn, group, key) for key in keys]
+        return [
+            ReadResult(None, 0)
+            if record is None
+            else ReadResult(record[_VERSION.size :], _VERSION.unpack_from(record)[0])
+            for record in records
+        ]
+
     # -- the cycle ------------------------------------------------------------------------------
-    def commit(self, writes: Sequence[GroupWrite]) -> CommitResult:
+    def commit(
+        self,
+        writes: Sequence[GroupWrite],
+        on_applied: Callable[[CommitResult], None] | None = None,
+    ) -> CommitResult:
         """Persist and apply a whole cycle in one write transaction, flushed once at its end.
 
         Per write, in the Ready contract's order: install the snapshot, append the entries
@@ -407,6 +423,13 @@ class ReplicaStore:
         nothing twice. If anything raises (a gap in the committed entries, entries that do not
         connect to the log), the transaction is aborted: nothing of the cycle is written and
         the in-memory view is unchanged.
+
+        ``on_applied`` is given the outcomes once every write is in the transaction, before
+        the flush (in this thread). The entries applied are committed, that is durable in a
+        quorum's logs, and applying is deterministic, so their outcomes may be told before
+        this node's copy of the data is durable: a crash now only replays them at restart.
+        Nothing else may be served from them early: ``get`` and ``applied`` show the cycle
+        only once the transaction has committed.
         """
         started = time.perf_counter()
         staged: dict[int, _GroupMemory] = {}
@@ -429,6 +452,8 @@ class ReplicaStore:
                 if applied:
                     results.setdefault(group, []).extend(applied)
                 txn.put(_GROUP.pack(group), _pack_state(memory), db=self._groups)
+            if on_applied is not None and results:
+                on_applied(results)
         if self._sync:
             self.flushes += 1  # LMDB flushed as the transaction committed
         self.snapshots_installed += installed
