@@ -20,7 +20,17 @@ from kv_node.replication.multiraft import (
     GroupMessage,
     MultiRaft,
 )
-from kv_raft import ConfState, Entry, MemoryStorage, NotLeader, RawNode, ReadState, Role
+from kv_raft import (
+    NO_NODE,
+    ConfState,
+    Entry,
+    MemoryStorage,
+    NotLeader,
+    ProposalDropped,
+    RawNode,
+    ReadState,
+    Role,
+)
 
 ELECTION_TICK = 10
 # Settling: a leader heartbeats LEADER_QUIET_TICKS more ticks, its followers then stay awake
@@ -629,3 +639,56 @@ def test_preferred_leaders_campaign_again_when_their_links_come_up() -> None:
                 driver.peer_connected(peer)
     took = c.run_until(c.all_led, max_ticks=ELECTION_TICK // 2)
     assert took < ELECTION_TICK // 2
+
+
+def test_a_stopping_node_hands_every_leadership_off_without_waiting_for_a_timeout(
+    idle: Cluster,
+) -> None:
+    """``hand_off`` moves each group led here to an up-to-date live voter by TimeoutNow: the
+    groups have their new leaders on messages alone (no tick, so no election timeout), and
+    meanwhile proposals are refused with the replica taking over named."""
+    victim = most_leading(idle)
+    driver = idle.drivers[victim]
+    led = [g for g in idle.voters if idle.leader(g) == victim]
+    assert led
+    assert driver.hand_off() == len(led)
+    for g in led:
+        taking_over = driver.transferee(g)
+        assert taking_over not in (NO_NODE, victim) and taking_over in idle.voters[g]
+        with pytest.raises(ProposalDropped):
+            driver.propose(g, b"during the hand-off")
+    idle.settle()
+    assert all(idle.leader(g) not in (None, victim) for g in led)
+    assert driver.hand_off() == 0
+    for g in idle.voters:
+        idle.propose(g, f"after {g}".encode())
+    idle.run(1)
+    idle.check_prefixes_agree()
+    idle.check_acknowledged_everywhere()
+    assert len(idle.acknowledged()) == 2 * len(idle.voters)
+
+
+def test_a_hand_off_goes_only_to_live_voters_and_ends_when_none_is_left(idle: Cluster) -> None:
+    victim = most_leading(idle)
+    led = [g for g in idle.voters if idle.leader(g) == victim]
+    dead, alive = [n for n in idle.ids if n != victim]
+    idle.kill(dead)
+    driver = idle.drivers[victim]
+    driver.hand_off()
+    assert all(driver.transferee(g) == alive for g in led)
+    idle.settle()
+    assert all(idle.leader(g) == alive for g in led)
+
+
+def test_a_leader_with_no_live_voter_left_has_nothing_to_hand_off(idle: Cluster) -> None:
+    """Done at once (the stopping node does not wait its bound for what cannot move)."""
+    victim = most_leading(idle)
+    for other in idle.ids:
+        if other != victim:
+            idle.kill(other)
+    driver = idle.drivers[victim]
+    assert any(driver.role(g) is Role.LEADER for g in idle.voters)
+    assert driver.hand_off() == 0
+    assert all(
+        driver.transferee(g) == NO_NODE for g in idle.voters if driver.role(g) is Role.LEADER
+    )

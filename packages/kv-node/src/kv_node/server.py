@@ -109,11 +109,24 @@ class NodeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
-        """Refuse new requests, let in-flight ones finish, then close the store."""
-        self.node.draining = True
+        """Hand leaderships off (replicated), refuse new requests, let in-flight ones finish,
+        then close the store."""
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         replication = self.node.replication
+        if replication is not None:
+            # Before refusing anything: the partitions led here get a new leader while this
+            # node still answers, so callers learn it from NOT_LEADER refusals (which never
+            # ran) rather than from failed connects and an election timeout after it is gone.
+            moved = await replication.hand_off()
+            if not moved:
+                print(
+                    f"kv-node {self.config.node_id}: some leaderships did not move before "
+                    "stopping; their partitions elect a leader after it stops",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        self.node.draining = True
         if replication is not None:
             # Peers' Raft streams never end by themselves: let the calls in flight finish
             # (they need the runtime), then stop replicating, which ends the streams both

@@ -304,6 +304,51 @@ class MultiRaft:
             if peer in voters and not self._live_quorum(voters):
                 self._wake(group)
 
+    # -- leadership hand-off (a stopping node) ------------------------------------------------
+    def hand_off(self) -> int:
+        """Move the leadership of every group led here to another voter, before this node stops.
+
+        Each such group transfers to its most up-to-date live voter (the core sends it
+        TimeoutNow once it holds the whole log, so it wins at once, with no election timeout and
+        no lost write). A transfer already under way is left alone; one the core abandoned (it
+        gives up after an election timeout) is started again. Called every cycle while the node
+        stops, so that a group this node comes to lead again meanwhile is handed off too.
+        Returns how many groups it still leads and can hand to someone; 0 means done (a group
+        with no live voter besides this node cannot be handed off, and is not counted)."""
+        moving = 0
+        for group, node in self._nodes.items():
+            if node.role is not Role.LEADER:
+                continue
+            if node.raft.lead_transferee != NO_NODE:
+                moving += 1
+                continue
+            to = self._transferee(node)
+            if to == NO_NODE:
+                continue
+            node.transfer_leadership(to)
+            self._dirty[group] = None
+            self._wake(group)
+            moving += 1
+        return moving
+
+    def transferee(self, group: int) -> int:
+        """The voter ``group``'s leadership is being handed to (``NO_NODE`` when none): the
+        leader to name to callers meanwhile, since the core refuses proposals until it ends."""
+        return self._nodes[group].raft.lead_transferee
+
+    def _transferee(self, node: RawNode) -> int:
+        """The live voter (besides us) whose log matches ours furthest; ties go to the lowest id
+        so that every run of a seed picks the same one."""
+        alive = self._alive
+        best, best_match = NO_NODE, -1
+        for peer in sorted(node.voters):
+            if peer == self.id or not alive.get(peer, True):
+                continue
+            match = node.prs[peer].match
+            if match > best_match:
+                best, best_match = peer, match
+        return best
+
     # -- output ----------------------------------------------------------------------------------
     def collect(self) -> Cycle:
         """Every Ready of the groups that may have one (never a scan of all groups)."""
