@@ -322,7 +322,7 @@ class AsyncClient:
                 return await unary()
             except grpc.RpcError as exc:
                 raise failed(exc) from None
-        return await self._lane(send).submit(call, send.deadline, unary)
+        return await self._lane(send).submit(call, send.deadline, unary, patience=send.patience)
 
     def _lane(self, send: Send) -> AsyncLane:
         assert send.lane is not None and self._coalesce is not None
@@ -339,6 +339,33 @@ class AsyncClient:
             lane = self._lanes[send.lane] = AsyncLane(config, send_batch)
         return lane
 
+    async def _perform(self, run: CallRun[Any], call: Call[Any], send: Send) -> Action:
+        """One attempt; at its patience (replicated) the run hears that it is slow, and an
+        attempt the run abandons is cancelled by the timeout here."""
+        try:
+            if send.patience is None:
+                return run.replied(await self._attempt(call, send))
+            loop = asyncio.get_running_loop()
+            delay = send.patience - time.monotonic()
+            if send.abandon:
+                try:
+                    async with asyncio.timeout(delay):
+                        response = await self._attempt(call, send)
+                except TimeoutError:
+                    action = run.slow(time.monotonic())
+                    assert action is not None, "an abandonable attempt is abandoned"
+                    return action
+                return run.replied(response)
+            # Not abandoned (it may not be sent twice): only marks its node suspect, so that
+            # other calls go elsewhere while this one waits for its answer.
+            timer = loop.call_later(delay, lambda: run.slow(time.monotonic()))
+            try:
+                return run.replied(await self._attempt(call, send))
+            finally:
+                timer.cancel()
+        except AttemptFailed as failure:
+            return run.failed(failure.error, never_sent=failure.never_sent, now=time.monotonic())
+
     async def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:
         run = CallRun(
             call,
@@ -352,12 +379,7 @@ class AsyncClient:
         action: Action = run.start()
         while True:
             if isinstance(action, Send):
-                try:
-                    action = run.replied(await self._attempt(call, action))
-                except AttemptFailed as failure:
-                    action = run.failed(
-                        failure.error, never_sent=failure.never_sent, now=time.monotonic()
-                    )
+                action = await self._perform(run, call, action)
             elif isinstance(action, NeedMap):
                 try:
                     cluster_map = await self._cluster_map(
