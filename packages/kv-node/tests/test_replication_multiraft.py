@@ -692,3 +692,25 @@ def test_a_leader_with_no_live_voter_left_has_nothing_to_hand_off(idle: Cluster)
     assert all(
         driver.transferee(g) == NO_NODE for g in idle.voters if driver.role(g) is Role.LEADER
     )
+
+
+@pytest.mark.parametrize("asleep", [True, False], ids=["asleep", "awake"])
+def test_a_leader_told_its_quorum_is_dead_steps_down_at_the_next_tick(
+    idle: Cluster, asleep: bool
+) -> None:
+    """The transport's verdict already spans an election timeout of silence: the leader
+    asks CheckQuorum at once instead of at the end of its window (a cut-off leader refuses
+    new calls sooner, so callers find the new leader on the other side sooner)."""
+    leader = most_leading(idle)
+    led = [g for g in idle.voters if idle.leader(g) == leader]
+    driver = idle.drivers[leader]
+    if not asleep:
+        for g in led:
+            idle.propose(g, b"keeps it awake")
+        idle.settle()
+        assert all(not driver.is_asleep(g) for g in led)
+    for other in idle.ids:
+        if other != leader:
+            idle.kill(other)
+    idle.run(1)
+    assert all(driver.role(g) is not Role.LEADER for g in led)

@@ -119,6 +119,7 @@ class MultiRaft:
         for measuring what sleeping saves)."""
         self.id = node_id
         self.stats = DriverStats()
+        self._election_tick = election_tick
         self._quiescence = quiescence
         self._follower_sleep_ticks = max(heartbeat_tick + 1, election_tick - FOLLOWER_SLEEP_MARGIN)
         if self._follower_sleep_ticks >= election_tick:
@@ -303,6 +304,7 @@ class MultiRaft:
             voters = self._nodes[group].voters
             if peer in voters and not self._live_quorum(voters):
                 self._wake(group)
+        self._check_quorum_now(peer)
 
     # -- leadership hand-off (a stopping node) ------------------------------------------------
     def hand_off(self) -> int:
@@ -330,6 +332,32 @@ class MultiRaft:
             self._wake(group)
             moving += 1
         return moving
+
+    def _check_quorum_now(self, dead: int) -> None:
+        """Leaders that just lost a live quorum (``dead`` was one too many) step down at the
+        next tick, rather than at the end of their CheckQuorum window (up to two election
+        timeouts away: the window running when the peers went silent may still count them).
+
+        The transport declares a peer dead after an election timeout without a frame from it,
+        so its silence already spans a full window: CheckQuorum is asked at the next tick,
+        with the dead peers marked inactive (a live peer that answers meanwhile still counts).
+        Until then the leader refuses nothing and commits nothing it could not; afterwards it
+        refuses new calls as NOT_LEADER, so callers go to the side that can elect a leader.
+        Stepping down early is always safe; it only costs this side its leadership."""
+        alive = self._alive
+        last_tick = self._election_tick - 1
+        for group, node in self._nodes.items():
+            if node.role is not Role.LEADER or dead not in node.voters:
+                continue
+            if self._live_quorum(node.voters):
+                continue
+            self._wake(group)
+            raft = node.raft
+            for peer, progress in raft.prs.items():
+                if peer != self.id and not alive.get(peer, True):
+                    progress.recent_active = False
+            raft.election_elapsed = max(raft.election_elapsed, last_tick)
+            self._dirty[group] = None
 
     def transferee(self, group: int) -> int:
         """The voter ``group``'s leadership is being handed to (``NO_NODE`` when none): the
