@@ -1,4 +1,4 @@
-"""The async SDK with a replica that accepts calls and never answers (a paused leader).
+"""The SDK with a node that accepts calls and never answers (a paused leader).
 
 Three fake nodes on 127.0.0.1 serve a replicated map: ``a``, the first replica of the key,
 holds every call forever; ``b`` leads the key's partition; ``c`` refuses NOT_LEADER naming
@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_status import rpc_status
 
+from harness import running_cluster
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kv_client import AsyncClient, RetryPolicy
+from kv_client import AsyncClient, Client, KvError, RetryPolicy, UnavailableError
 from kv_common.cluster_map import ClusterMap, Member
 from kv_common.wire import ErrorInfo, Reason, encode_status
 
@@ -138,3 +141,26 @@ def test_a_stuck_replica_does_not_hold_reads_or_later_writes() -> None:
                 await server.stop(None)
 
     asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT))
+
+
+FROZEN_CALL_TIMEOUT = 20.0
+"""Far above keepalive's verdict (a ping a second, 500 ms to answer): only a channel without
+keepalive waits for it."""
+
+
+def test_a_call_to_a_frozen_node_ends_by_keepalive_not_by_its_deadline(tmp_path: Path) -> None:
+    """A SIGSTOPped node keeps its socket and never answers, not even gRPC's pings: the call
+    in flight fails UNAVAILABLE (outcome unknown) instead of waiting out its deadline, so a
+    caller moves on (and, replicated, to another replica)."""
+    with running_cluster(tmp_path, ["n1"]) as cluster:
+        node = cluster.nodes["n1"]
+        with Client(node.address, timeout=FROZEN_CALL_TIMEOUT) as kv:
+            kv.put("k", "before")
+            node.pause()
+            try:
+                with pytest.raises(KvError) as failed:
+                    kv.put("k", "while frozen")
+            finally:
+                node.resume()
+        assert isinstance(failed.value, UnavailableError), failed.value
+        assert not failed.value.never_ran
