@@ -16,6 +16,7 @@ import pytest
 from kv_node.replication.multiraft import (
     FOLLOWER_SLEEP_MARGIN,
     LEADER_QUIET_TICKS,
+    QUORUM_GRACE_TICKS,
     Cycle,
     GroupMessage,
     MultiRaft,
@@ -695,12 +696,12 @@ def test_a_leader_with_no_live_voter_left_has_nothing_to_hand_off(idle: Cluster)
 
 
 @pytest.mark.parametrize("asleep", [True, False], ids=["asleep", "awake"])
-def test_a_leader_told_its_quorum_is_dead_steps_down_at_the_next_tick(
+def test_a_leader_told_its_quorum_is_dead_steps_down_within_the_grace(
     idle: Cluster, asleep: bool
 ) -> None:
     """The transport's verdict already spans an election timeout of silence: the leader
-    asks CheckQuorum at once instead of at the end of its window (a cut-off leader refuses
-    new calls sooner, so callers find the new leader on the other side sooner)."""
+    asks CheckQuorum after a few ticks instead of at the end of its window (a cut-off leader
+    refuses new calls sooner, so callers find the new leader on the other side sooner)."""
     leader = most_leading(idle)
     led = [g for g in idle.voters if idle.leader(g) == leader]
     driver = idle.drivers[leader]
@@ -712,5 +713,25 @@ def test_a_leader_told_its_quorum_is_dead_steps_down_at_the_next_tick(
     for other in idle.ids:
         if other != leader:
             idle.kill(other)
-    idle.run(1)
+    idle.run(QUORUM_GRACE_TICKS)
     assert all(driver.role(g) is not Role.LEADER for g in led)
+
+
+@pytest.mark.parametrize("asleep", [True, False], ids=["asleep", "awake"])
+def test_a_wrong_verdict_of_dead_peers_that_still_answer_deposes_no_leader(
+    idle: Cluster, asleep: bool
+) -> None:
+    """This node's own loop stalled past ``dead_after``: it wrongly declares its peers dead,
+    but they answer the heartbeats of the grace ticks, so CheckQuorum keeps the leader."""
+    leader = most_leading(idle)
+    led = [g for g in idle.voters if idle.leader(g) == leader]
+    driver = idle.drivers[leader]
+    if not asleep:
+        for g in led:
+            idle.propose(g, b"keeps it awake")
+        idle.settle()
+    for other in idle.ids:
+        if other != leader:
+            driver.peer_alive(other, False)  # the verdict only: messages still flow
+    idle.run(QUORUM_GRACE_TICKS + 1)
+    assert all(driver.role(g) is Role.LEADER for g in led)

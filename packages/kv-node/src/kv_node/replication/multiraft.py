@@ -48,6 +48,10 @@ FOLLOWER_SLEEP_MARGIN = 2
 its earliest election timeout (``election_tick``), so an idle follower never campaigns, yet close
 to it, so that a follower woken by its leader's death campaigns after only a few ticks."""
 
+QUORUM_GRACE_TICKS = 3
+"""Ticks a leader told its live quorum is gone waits before CheckQuorum: two heartbeat rounds
+(one a tick) and their answers, so that only a quorum that really went silent deposes it."""
+
 _VOTE_REQUESTS = frozenset({MessageType.VOTE, MessageType.PRE_VOTE})
 
 
@@ -334,18 +338,19 @@ class MultiRaft:
         return moving
 
     def _check_quorum_now(self, dead: int) -> None:
-        """Leaders that just lost a live quorum (``dead`` was one too many) step down at the
-        next tick, rather than at the end of their CheckQuorum window (up to two election
-        timeouts away: the window running when the peers went silent may still count them).
+        """Leaders that just lost a live quorum (``dead`` was one too many) ask CheckQuorum
+        within ``QUORUM_GRACE_TICKS``, rather than at the end of their window (up to two
+        election timeouts away: the window running when the peers went silent may still count
+        them).
 
         The transport declares a peer dead after an election timeout without a frame from it,
-        so its silence already spans a full window: CheckQuorum is asked at the next tick,
-        with the dead peers marked inactive (a live peer that answers meanwhile still counts).
-        Until then the leader refuses nothing and commits nothing it could not; afterwards it
-        refuses new calls as NOT_LEADER, so callers go to the side that can elect a leader.
-        Stepping down early is always safe; it only costs this side its leadership."""
+        so its silence already spans a full window; the dead peers are marked inactive, and the
+        grace lets a peer that does answer (a wrong verdict: this node's own loop stalled, and
+        the frames were waiting) be heard from first. Afterwards a cut-off leader refuses new
+        calls as NOT_LEADER, so callers go to the side that can elect a leader. Stepping down
+        early is always safe; it only costs this side its leadership."""
         alive = self._alive
-        last_tick = self._election_tick - 1
+        last_tick = self._election_tick - QUORUM_GRACE_TICKS
         for group, node in self._nodes.items():
             if node.role is not Role.LEADER or dead not in node.voters:
                 continue
