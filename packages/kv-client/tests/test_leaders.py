@@ -11,7 +11,7 @@ from kv_client import _calls
 from kv_client.call_run import CallRun, Fail, Send, Wait
 from kv_client.errors import NotLeaderError, OverloadedError, ShuttingDownError, UnavailableError
 from kv_client.leaders import SUSPECT_SECONDS, Leaders
-from kv_client.retry import NO_RETRY, RetryPolicy
+from kv_client.retry import FAILOVER_MAX_PAUSE, NO_RETRY, RetryPolicy
 from kv_common.cluster_map import ClusterMap, Member
 from kv_common.wire import Reason
 
@@ -222,3 +222,22 @@ def test_one_copy_has_no_patience_there_is_nowhere_else_to_go() -> None:
     run = run_of(Leaders())
     sent = run.routed(ONE_COPY, 0.0)
     assert isinstance(sent, Send) and sent.patience is None and not sent.abandon
+
+
+def test_nodes_that_disagree_about_the_leader_cost_pauses_of_at_most_a_few_ticks() -> None:
+    """During a hand-off the old leader names the replica taking over, which still names the
+    old leader for a moment: the call bounces, and its pauses stay short enough to catch the
+    move as soon as it is over (not a backoff grown to a second)."""
+    run = run_of(Leaders())
+    run.routed(MAP, 0.0)
+    now, pauses = 0.0, []
+    for bounce in range(8):
+        named = REPLICAS[(bounce + 1) % 2]  # each names the other
+        action = run.failed(not_leader(named), never_sent=False, now=now)
+        assert isinstance(action, Wait)
+        pauses.append(action.seconds)
+        now += action.seconds
+        assert isinstance(run.resume(now), Send)
+    assert pauses[0] == 0.0
+    assert max(pauses) == FAILOVER_MAX_PAUSE
+    assert now < 8 * FAILOVER_MAX_PAUSE

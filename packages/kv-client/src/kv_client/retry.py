@@ -37,6 +37,12 @@ from dataclasses import dataclass
 from kv_client.errors import KvError, NotLeaderError, OverloadedError, ShuttingDownError
 from kv_common.wire import NEVER_RAN
 
+FAILOVER_MAX_PAUSE = 0.2
+"""The longest pause before resending a call that never ran because its partition's leader
+moved or its node is going: a few ticks of an election, far below the second the backoff grows
+to. (Nodes that disagree about the leader, during a hand-off, bounce a call a few times in
+milliseconds; an uncapped backoff then held it for seconds after the move was over.)"""
+
 DEFAULT_PATIENCE: float | None = None
 """Off by default: latency alone does not tell a frozen node from a busy one (replicated
 writes under heavy load take hundreds of milliseconds, a batch seconds), and suspecting a busy
@@ -126,6 +132,10 @@ def next_pause(
         and attempt + 1 < policy.max_attempts
     ):
         pause = 0.0  # the leader is named: go there at once (with backoff once nodes disagree)
+    if isinstance(error, NotLeaderError) or (failover and _node_gone(error, never_sent)):
+        # Leadership moves in milliseconds (a hand-off) to an election timeout: asking again
+        # soon is a cheap refusal, while a backoff grown to a second outlasts the move.
+        pause = min(pause, FAILOVER_MAX_PAUSE)
     retry = policy.should_retry(
         error, attempt=attempt, safety=safety, never_sent=never_sent, failover=failover
     )
