@@ -186,6 +186,8 @@ class Replication:
         meanwhile: what it no longer leads it refuses as NOT_LEADER naming the new leader (and
         during a transfer, the replica taking over), so callers move before it goes away,
         instead of after a failed connect and an election. True when everything moved."""
+        if self.runtime.stopped.is_set():
+            return False  # a failed cycle ended the runtime: nothing can move any more
         self.runtime.hand_off()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.runtime.handed_off.wait(), self._hand_off_seconds)
