@@ -137,10 +137,14 @@ def test_a_node_that_refused_a_connect_is_avoided_and_not_followed_when_named() 
 
 
 def test_a_shutting_down_refusal_goes_to_another_replica_even_without_retries() -> None:
-    run = run_of(Leaders(), NO_RETRY)
+    leaders = Leaders()
+    run = run_of(leaders, NO_RETRY)
     run.routed(MAP, 0.0)
     draining = ShuttingDownError("draining", reason=Reason.SHUTTING_DOWN)
     assert isinstance(run.failed(draining, never_sent=False, now=0.0), Wait)
+    # The node is going: other calls keep away from it (its server's own stop would cancel
+    # them, which reads as an unknown outcome).
+    assert leaders.is_suspect(REPLICAS[0], 0.0)
     busy = OverloadedError("busy", reason=Reason.OVERLOADED)
     assert isinstance(run.resume(0.1), Send)
     assert isinstance(run.failed(busy, never_sent=False, now=0.1), Fail)  # bounded: 1 attempt

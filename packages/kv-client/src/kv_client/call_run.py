@@ -22,7 +22,13 @@ from typing import Any, Generic, TypeVar
 
 from kv_client._calls import Call
 from kv_client._transport import Metadata, routed_metadata
-from kv_client.errors import DeadlineExceededError, KvError, NotLeaderError, UnavailableError
+from kv_client.errors import (
+    DeadlineExceededError,
+    KvError,
+    NotLeaderError,
+    ShuttingDownError,
+    UnavailableError,
+)
 from kv_client.leaders import Leaders
 from kv_client.retry import RetryPolicy, next_pause
 from kv_common.cluster_map import ClusterMap, Limits
@@ -171,7 +177,11 @@ class CallRun(Generic[Out]):
         sent = self._sent
         if sent is not None:
             error.relocated(f"{self.call.method} via node {sent.node_id!r} at {sent.address}")
-            if error.reason is not None:  # the node's own refusal: it is answering
+            if isinstance(error, ShuttingDownError):
+                # It is going: calls sent to it from now on may meet its server's own stop
+                # (CANCELLED, which cannot be told from a call cut short after it ran).
+                self._leaders.suspect(sent.node_id, now)
+            elif error.reason is not None:  # the node's own refusal: it is answering
                 self._leaders.answered(sent.node_id)
             elif never_sent or isinstance(error, UnavailableError):
                 # No connection, or the connection failed under the call (reset, a ping
