@@ -11,6 +11,7 @@ colliding operations) is ``nox -s chaos``.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,3 +220,86 @@ def test_a_node_says_serving_only_once_its_partitions_have_leaders(tmp_path: Pat
             assert kv.get("after-ready") == b"v"
     finally:
         cluster.stop()
+
+
+RESTART_ACKS = 50
+"""Writes acknowledged after each restart before the next node is stopped."""
+
+
+def acked_at_least(history: History, count: int) -> Callable[[], bool]:
+    return lambda: len(history.acknowledged) >= count
+
+
+def test_a_rolling_restart_under_load_fails_no_write(tmp_path: Path) -> None:
+    """SIGTERM and restart every node in turn under SDK writes: none fails and none is left
+    unknown. A stopping node hands its leaderships off before it refuses anything, refuses what
+    it no longer leads as NOT_LEADER naming the new leader, and a call that reaches it while it
+    stops (SHUTTING_DOWN) or after (a refused connect) never ran and goes to another replica.
+    The load runs on its own thread: restarts must happen on this one (the launcher ties each
+    node's parent-death signal to the thread that started it)."""
+    with running_cluster(tmp_path, ["n1", "n2", "n3"], extra=REPLICATED) as cluster:
+        history = History()
+        stop = threading.Event()
+
+        async def writer(worker: int, kv: AsyncClient) -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                key, value = f"r{worker}-{i}", f"value-{worker}-{i}".encode()
+                try:
+                    await kv.put(key, value, timeout=WRITE_TIMEOUT)
+                except KvError as exc:
+                    if exc.never_ran:
+                        history.failed += 1
+                    else:
+                        history.unknown += 1
+                        history.unexpected.append(exc)
+                    continue
+                history.acknowledged[key] = value
+
+        async def load() -> None:
+            async with AsyncClient(cluster.addresses) as kv:
+                await asyncio.gather(*(writer(w, kv) for w in range(WRITERS)))
+
+        thread = threading.Thread(target=lambda: asyncio.run(load()), name="rolling-load")
+        thread.start()
+        try:
+            poll_until(
+                acked_at_least(history, ACKS_BEFORE_FAULT),
+                timeout=CATCH_UP_TIMEOUT,
+                what="writes acknowledged before the restarts",
+            )
+            for node in cluster.nodes.values():
+                node.terminate()
+                node.start()
+                node.wait_ready()
+                poll_until(
+                    acked_at_least(history, len(history.acknowledged) + RESTART_ACKS),
+                    timeout=CATCH_UP_TIMEOUT,
+                    what=f"writes acknowledged after {node.node_id} restarted",
+                )
+        finally:
+            stop.set()
+            thread.join(CATCH_UP_TIMEOUT)
+        assert not thread.is_alive(), "the load did not stop"
+        assert (history.failed, history.unknown) == (0, 0), (
+            f"{history.failed} failed, {history.unknown} unknown: {history.unexpected[:3]!r}"
+        )
+        assert_all_readable(cluster, history.acknowledged)
+
+
+def test_a_clients_batches_follow_the_leaders_after_a_kill(tmp_path: Path) -> None:
+    """One long-lived client: its batches go to each partition's leader (from the map it
+    fetched); after kill -9 of the node leading most of them, the same client's batches reach
+    every key again (the dead node is avoided, what never ran is resent), without a new client
+    or a single call to teach it the new leaders."""
+    with running_cluster(tmp_path, ["n1", "n2", "n3"], extra=REPLICATED) as cluster:
+        values = {f"batch-{i}": f"value-{i}".encode() for i in range(200)}
+        with Client(cluster.addresses, timeout=WRITE_TIMEOUT) as kv:
+            kv.put_many(list(values.items()))
+            led = kv.cluster_map().leaders
+            busiest = max(set(led), key=led.count)
+            assert busiest in cluster.nodes, led
+            cluster.nodes[busiest].kill()
+            for _ in range(3):
+                assert kv.get_many(list(values)) == list(values.values())

@@ -26,13 +26,20 @@ from kv_client.errors import (
     KvError,
     NotLeaderError,
     OverloadedError,
+    ShuttingDownError,
     StaleMapError,
     TooLargeError,
     UnavailableError,
     error_from_rpc,
     never_sent,
 )
-from kv_common.wire import STATUS_DETAILS_METADATA, ErrorInfo, Reason, encode_status
+from kv_common.wire import (
+    NEVER_RAN,
+    STATUS_DETAILS_METADATA,
+    ErrorInfo,
+    Reason,
+    encode_status,
+)
 
 Trailers = tuple[tuple[str, str | bytes], ...]
 
@@ -100,7 +107,7 @@ ROWS: list[
     (Code.RESOURCE_EXHAUSTED, Reason.VALUE_TOO_LARGE, LIMIT, "x", TooLargeError, False, False),
     (Code.RESOURCE_EXHAUSTED, Reason.BATCH_TOO_LARGE, LIMIT, "x", TooLargeError, False, False),
     (Code.UNAVAILABLE, Reason.OWNER_UNAVAILABLE, {}, "larger than", UnavailableError, True, False),
-    (Code.UNAVAILABLE, Reason.SHUTTING_DOWN, {}, "draining", UnavailableError, True, False),
+    (Code.UNAVAILABLE, Reason.SHUTTING_DOWN, {}, "draining", ShuttingDownError, True, False),
     # No reason: the status code alone; text that once meant something means nothing now.
     (
         Code.RESOURCE_EXHAUSTED,
@@ -163,6 +170,22 @@ def test_reason_then_code_picks_the_class(
     assert error.reason == reason
     assert dict(error.metadata) == dict(metadata)
     assert error.message == (message or code.name)
+
+
+@pytest.mark.parametrize("decode", [from_call, from_batch], ids=["call", "batch"])
+def test_never_ran_by_reason_or_by_the_nodes_never_ran_mark(decode: object) -> None:
+    """A stopping node's refusal, and a forward that could not even connect (the node says
+    so in ``never_ran``), never ran: the retry rules may resend an unconditional write."""
+    assert decode in (from_call, from_batch)
+    build = from_call if decode is from_call else from_batch
+    assert build(Code.UNAVAILABLE, "draining", ErrorInfo(Reason.SHUTTING_DOWN, {})).never_ran
+    unreached = ErrorInfo(Reason.OWNER_UNAVAILABLE, {"owner_id": "b", NEVER_RAN: "true"})
+    assert build(Code.UNAVAILABLE, "owner down", unreached).never_ran
+    maybe = ErrorInfo(Reason.OWNER_UNAVAILABLE, {"owner_id": "b"})
+    assert not build(Code.UNAVAILABLE, "owner did not answer", maybe).never_ran
+    assert not build(
+        Code.UNAVAILABLE, "x", ErrorInfo(Reason.OWNER_UNAVAILABLE, {NEVER_RAN: "no"})
+    ).never_ran
 
 
 def test_too_large_exposes_the_limit_from_metadata() -> None:

@@ -7,7 +7,14 @@ from grpc import StatusCode as Code
 
 from kv.v1 import kv_pb2
 from kv_client import _calls, batch
-from kv_client.errors import InternalError, InvalidArgumentError, StaleMapError, UnavailableError
+from kv_client.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotLeaderError,
+    StaleMapError,
+    UnavailableError,
+)
+from kv_client.leaders import Leaders
 from kv_client.types import Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap, ClusterMapError, Member
 from kv_common.wire import Reason
@@ -112,15 +119,60 @@ def test_an_empty_result_and_a_failed_chunk_are_errors() -> None:
     assert results == [down, down]
 
 
-def test_a_batch_run_resends_only_stale_refusals_once_within_its_deadline() -> None:
-    run = batch.BatchRun(
-        [batch.Put("a", "1"), batch.Put("b", "2"), batch.Get("c")], max_ops=10, budget=2.0, now=0.0
-    )
+def test_a_batch_run_resends_what_did_not_run_within_its_rounds_and_deadline() -> None:
+    ops: list[batch.Operation] = [
+        batch.Put("a", "1"),
+        batch.Put("b", "2"),
+        batch.Get("c"),
+        batch.Put("d", "4"),
+    ]
+    run = batch.BatchRun(ops, max_ops=10, budget=2.0, now=0.0)
     assert run.remaining(0.5) == 1.5 and run.remaining(3.0) == batch.MIN_CALL_TIMEOUT
-    run.results = [StaleMapError("moved"), WriteResult(True, 1), UnavailableError("down")]
+    no_leader = NotLeaderError("no leader yet", code=Code.UNAVAILABLE)
+    run.results = [
+        StaleMapError("moved"),
+        WriteResult(True, 1),
+        UnavailableError("down"),
+        no_leader,
+    ]
     assert run.another_round(now=1.0)
-    assert run.pending == [0], "only what a stale map sent to the wrong node goes again"
-    assert not run.another_round(now=1.0), "once"
+    # A put that may have run (a lost connection) is never sent twice; one that provably did
+    # not (a stale map, no leader yet) is.
+    assert run.pending == [0, 3]
+    assert run.pause > 0, "an election is waited out with backoff"
+    run.results[0] = WriteResult(True, 2)
+    for _ in range(batch.BatchRun.ROUNDS):
+        if not run.another_round(now=1.0):
+            break
+    assert run.round == batch.BatchRun.ROUNDS, "rounds are bounded"
+    stale = batch.BatchRun([batch.Get("a")], max_ops=10, budget=2.0, now=0.0)
+    stale.results = [StaleMapError("moved")]
+    assert stale.another_round(now=1.0) and stale.pause == 0.0, "a new map: at once"
     late = batch.BatchRun([batch.Get("a")], max_ops=10, budget=2.0, now=0.0)
     late.results = [StaleMapError("moved")]
     assert not late.another_round(now=2.0), "not past the deadline"
+
+
+def ok() -> kv_pb2.OperationResult:
+    return kv_pb2.OperationResult(put=kv_pb2.PutResponse(succeeded=True, version=1))
+
+
+def test_a_chunk_that_could_not_connect_never_ran_and_its_node_is_avoided() -> None:
+    leaders = Leaders()
+    replicated = ClusterMap.build(
+        epoch=1, members=MEMBERS, partitions=16, replication_factor=3, vnodes=8
+    )
+    run = batch.BatchRun(
+        [batch.Put(f"k{i}", "v") for i in range(30)], max_ops=100, budget=5.0, now=0.0,
+        leaders=leaders,
+    )  # fmt: skip
+    chunks = run.chunks(replicated, now=0.0)
+    dead = chunks[0]
+    refused = UnavailableError("failed to connect", code=Code.UNAVAILABLE)
+    run.record(dead, refused, never_sent=True, now=0.0)
+    for chunk in chunks[1:]:
+        run.record(chunk, kv_pb2.BatchResponse(results=[ok() for _ in chunk.indexes]), now=0.0)
+    assert run.another_round(now=0.1)
+    assert sorted(run.pending) == sorted(dead.indexes)
+    again = run.chunks(replicated, now=0.1 + run.pause)
+    assert again and all(c.node_id != dead.node_id for c in again)

@@ -241,3 +241,38 @@ def test_a_node_behind_compaction_catches_up_by_snapshot(tmp_path: Path) -> None
         assert leader.runtime.stats.snapshots_sent > 0
 
     run(tmp_path, scenario, config=COMPACTING)
+
+
+def test_a_stopping_node_hands_its_leaderships_off_and_names_the_new_leaders(
+    tmp_path: Path,
+) -> None:
+    """What a SIGTERM does before the node stops: every partition it leads moves to another
+    replica while it still answers, writes acknowledged before stay, and what it is asked
+    meanwhile is refused naming the replica taking over (the caller goes there at once)."""
+
+    async def scenario(cluster: Cluster) -> None:
+        name, _ = cluster.leaders_per_node().most_common(1)[0]
+        victim = cluster.nodes[name]
+        led = [g for g in range(PARTITIONS) if cluster.leader_of(g) is victim]
+        acked = {}
+        for group in led:
+            key = key_in(group, cluster, "before")
+            (put,) = await victim.write(group, [PutOp(key, b"acked")])
+            assert isinstance(put, WriteResult)
+            acked[group] = (key, put.version)
+        victim.runtime.hand_off()
+        # Queued after the hand-off began: refused, never run, naming the replica taking over.
+        with pytest.raises(LeadershipLost) as refused:
+            await victim.write(led[0], [PutOp(acked[led[0]][0], b"during")])
+        assert refused.value.leader not in (0, victim.raft_id)
+        assert await victim.hand_off()
+        await until(cluster.all_led, "every partition led by one node all agree on")
+        for group, (key, version) in acked.items():
+            leader = cluster.leader_of(group)
+            assert leader is not None and leader is not victim
+            assert await leader.read(group, key) == (b"acked", version)
+            with pytest.raises(LeadershipLost) as refused:
+                await victim.write(group, [PutOp(key, b"after")])
+            assert victim.member_of(refused.value.leader) == leader.member_id
+
+    run(tmp_path, scenario)

@@ -16,17 +16,20 @@ import pytest
 from kv_node.replication.multiraft import (
     FOLLOWER_SLEEP_MARGIN,
     LEADER_QUIET_TICKS,
+    QUORUM_GRACE_TICKS,
     Cycle,
     GroupMessage,
     MultiRaft,
 )
 from kv_raft import (
+    NO_NODE,
     ConfState,
     Entry,
     MemoryStorage,
     Message,
     MessageType,
     NotLeader,
+    ProposalDropped,
     RawNode,
     ReadState,
     Role,
@@ -689,3 +692,98 @@ def test_preferred_leaders_campaign_again_when_their_links_come_up() -> None:
                 driver.peer_connected(peer)
     took = c.run_until(c.all_led, max_ticks=ELECTION_TICK // 2)
     assert took < ELECTION_TICK // 2
+
+
+def test_a_stopping_node_hands_every_leadership_off_without_waiting_for_a_timeout(
+    idle: Cluster,
+) -> None:
+    """``hand_off`` moves each group led here to an up-to-date live voter by TimeoutNow: the
+    groups have their new leaders on messages alone (no tick, so no election timeout), and
+    meanwhile proposals are refused with the replica taking over named."""
+    victim = most_leading(idle)
+    driver = idle.drivers[victim]
+    led = [g for g in idle.voters if idle.leader(g) == victim]
+    assert led
+    assert driver.hand_off() == len(led)
+    for g in led:
+        taking_over = driver.transferee(g)
+        assert taking_over not in (NO_NODE, victim) and taking_over in idle.voters[g]
+        with pytest.raises(ProposalDropped):
+            driver.propose(g, b"during the hand-off")
+    idle.settle()
+    assert all(idle.leader(g) not in (None, victim) for g in led)
+    assert driver.hand_off() == 0
+    for g in idle.voters:
+        idle.propose(g, f"after {g}".encode())
+    idle.run(1)
+    idle.check_prefixes_agree()
+    idle.check_acknowledged_everywhere()
+    assert len(idle.acknowledged()) == 2 * len(idle.voters)
+
+
+def test_a_hand_off_goes_only_to_live_voters_and_ends_when_none_is_left(idle: Cluster) -> None:
+    victim = most_leading(idle)
+    led = [g for g in idle.voters if idle.leader(g) == victim]
+    dead, alive = [n for n in idle.ids if n != victim]
+    idle.kill(dead)
+    driver = idle.drivers[victim]
+    driver.hand_off()
+    assert all(driver.transferee(g) == alive for g in led)
+    idle.settle()
+    assert all(idle.leader(g) == alive for g in led)
+
+
+def test_a_leader_with_no_live_voter_left_has_nothing_to_hand_off(idle: Cluster) -> None:
+    """Done at once (the stopping node does not wait its bound for what cannot move)."""
+    victim = most_leading(idle)
+    for other in idle.ids:
+        if other != victim:
+            idle.kill(other)
+    driver = idle.drivers[victim]
+    assert any(driver.role(g) is Role.LEADER for g in idle.voters)
+    assert driver.hand_off() == 0
+    assert all(
+        driver.transferee(g) == NO_NODE for g in idle.voters if driver.role(g) is Role.LEADER
+    )
+
+
+@pytest.mark.parametrize("asleep", [True, False], ids=["asleep", "awake"])
+def test_a_leader_told_its_quorum_is_dead_steps_down_within_the_grace(
+    idle: Cluster, asleep: bool
+) -> None:
+    """The transport's verdict already spans an election timeout of silence: the leader
+    asks CheckQuorum after a few ticks instead of at the end of its window (a cut-off leader
+    refuses new calls sooner, so callers find the new leader on the other side sooner)."""
+    leader = most_leading(idle)
+    led = [g for g in idle.voters if idle.leader(g) == leader]
+    driver = idle.drivers[leader]
+    if not asleep:
+        for g in led:
+            idle.propose(g, b"keeps it awake")
+        idle.settle()
+        assert all(not driver.is_asleep(g) for g in led)
+    for other in idle.ids:
+        if other != leader:
+            idle.kill(other)
+    idle.run(QUORUM_GRACE_TICKS)
+    assert all(driver.role(g) is not Role.LEADER for g in led)
+
+
+@pytest.mark.parametrize("asleep", [True, False], ids=["asleep", "awake"])
+def test_a_wrong_verdict_of_dead_peers_that_still_answer_deposes_no_leader(
+    idle: Cluster, asleep: bool
+) -> None:
+    """This node's own loop stalled past ``dead_after``: it wrongly declares its peers dead,
+    but they answer the heartbeats of the grace ticks, so CheckQuorum keeps the leader."""
+    leader = most_leading(idle)
+    led = [g for g in idle.voters if idle.leader(g) == leader]
+    driver = idle.drivers[leader]
+    if not asleep:
+        for g in led:
+            idle.propose(g, b"keeps it awake")
+        idle.settle()
+    for other in idle.ids:
+        if other != leader:
+            driver.peer_alive(other, False)  # the verdict only: messages still flow
+    idle.run(QUORUM_GRACE_TICKS + 1)
+    assert all(driver.role(g) is Role.LEADER for g in led)

@@ -13,7 +13,14 @@ import pytest
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kv_common.cluster_map import ClusterMap
 from kv_common.limits import MAX_KEY_BYTES
-from kv_common.wire import EPOCH_METADATA, HOP_METADATA, ErrorInfo, Reason, decode_status_details
+from kv_common.wire import (
+    EPOCH_METADATA,
+    HOP_METADATA,
+    NEVER_RAN,
+    ErrorInfo,
+    Reason,
+    decode_status_details,
+)
 from kv_node import routing
 from kv_node.store import Store
 from kv_node.testing import HungOwner, InProcessCluster
@@ -108,8 +115,11 @@ def test_unreachable_owner_is_named_and_fails_fast(
         stub(cluster, "a").Get(kv_pb2.GetRequest(key=key), timeout=10)
     assert time.monotonic() - start < 5
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Nothing reached the owner (the connect was refused): the refusal says the operation
+    # never ran, so that an SDK may resend even an unconditional write.
     assert error_info(info.value) == ErrorInfo(
-        Reason.OWNER_UNAVAILABLE, {"owner_id": "c", "owner_address": cluster.addresses["c"]}
+        Reason.OWNER_UNAVAILABLE,
+        {"owner_id": "c", "owner_address": cluster.addresses["c"], NEVER_RAN: "true"},
     )
     assert "owner 'c'" in details(info.value)
     # The other nodes' keys still work.
@@ -434,7 +444,11 @@ def test_batch_to_an_unreachable_owner_fails_only_its_operations(
     error = response.results[1].error
     assert error.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert error.reason == "OWNER_UNAVAILABLE"
-    assert dict(error.metadata) == {"owner_id": "c", "owner_address": cluster.addresses["c"]}
+    assert dict(error.metadata) == {
+        "owner_id": "c",
+        "owner_address": cluster.addresses["c"],
+        NEVER_RAN: "true",
+    }
     assert "owner 'c'" in error.message
 
 

@@ -16,12 +16,29 @@ DEFAULT_TIMEOUT = 5.0
 MAP_FETCH_TIMEOUT = 2.0
 """Longest wait for one node's cluster map while bootstrapping or refreshing."""
 
+KEEPALIVE_MS = 1000
+"""While calls are in flight, the channel pings its node this often (gRPC's floor is 1 s)..."""
+PING_TIMEOUT_MS = 500
+"""...and a ping unanswered this long ends the connection: its calls fail UNAVAILABLE.
+
+A paused or frozen node (SIGSTOP, a hung VM) accepts requests and never answers; without
+this, every call sent to it waits out its whole deadline, and a caller that sends one call
+at a time is stuck there while the other replicas elect a new leader. The ping is answered
+by gRPC's own threads, so a node that is merely slow (a long fsync, a busy interpreter)
+keeps its calls. The failed calls' node becomes suspect (``leaders``) and the next calls go
+to another replica. Etcd's client does the same with its dial keepalive."""
+
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", PING_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),  # a frozen node sends no data: keep pinging
+    ("grpc.keepalive_permit_without_calls", 0),  # idle channels stay quiet
 ]
 
 Metadata = Sequence[tuple[str, str]]

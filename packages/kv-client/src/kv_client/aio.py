@@ -36,7 +36,13 @@ from kv_client.coalesce import (
     failed,
     within,
 )
-from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
+from kv_client.errors import (
+    DeadlineExceededError,
+    KvError,
+    UnavailableError,
+    error_from_rpc,
+    never_sent,
+)
 from kv_client.leaders import Leaders
 from kv_client.map_cache import Fetch, MapCache, MapFetch, Use
 from kv_client.retry import RetryPolicy
@@ -204,7 +210,7 @@ class AsyncClient:
                 deadline=run.deadline,
                 stale_epoch=cluster_map.epoch if cluster_map is not None else None,
             )
-            chunks = run.chunks(cluster_map)
+            chunks = run.chunks(cluster_map, time.monotonic())
             md = routed_metadata(cluster_map, metadata)
             timeout = run.remaining(time.monotonic())
             responses = await asyncio.gather(
@@ -216,13 +222,19 @@ class AsyncClient:
             )
             for chunk, response in zip(chunks, responses, strict=True):
                 if isinstance(response, grpc.RpcError):
-                    run.record(chunk, error_from_rpc(response))
+                    run.record(
+                        chunk,
+                        error_from_rpc(response),
+                        never_sent=never_sent(response),
+                        now=time.monotonic(),
+                    )
                 elif isinstance(response, BaseException):
                     raise response
                 else:
                     run.record(chunk, response)
             if not run.another_round(time.monotonic()):
                 return run.results
+            await asyncio.sleep(run.pause)
 
     async def get_many(
         self,
@@ -326,7 +338,7 @@ class AsyncClient:
                 return await unary()
             except grpc.RpcError as exc:
                 raise failed(exc) from None
-        return await self._lane(send).submit(call, send.deadline, unary)
+        return await self._lane(send).submit(call, send.deadline, unary, patience=send.patience)
 
     def _lane(self, send: Send) -> AsyncLane:
         assert send.lane is not None and self._coalesce is not None
@@ -343,6 +355,33 @@ class AsyncClient:
             lane = self._lanes[send.lane] = AsyncLane(config, send_batch)
         return lane
 
+    async def _perform(self, run: CallRun[Any], call: Call[Any], send: Send) -> Action:
+        """One attempt; at its patience (replicated) the run hears that it is slow, and an
+        attempt the run abandons is cancelled by the timeout here."""
+        try:
+            if send.patience is None:
+                return run.replied(await self._attempt(call, send))
+            loop = asyncio.get_running_loop()
+            delay = send.patience - time.monotonic()
+            if send.abandon:
+                try:
+                    async with asyncio.timeout(delay):
+                        response = await self._attempt(call, send)
+                except TimeoutError:
+                    action = run.slow(time.monotonic())
+                    assert action is not None, "an abandonable attempt is abandoned"
+                    return action
+                return run.replied(response)
+            # Not abandoned (it may not be sent twice): only marks its node suspect, so that
+            # other calls go elsewhere while this one waits for its answer.
+            timer = loop.call_later(delay, lambda: run.slow(time.monotonic()))
+            try:
+                return run.replied(await self._attempt(call, send))
+            finally:
+                timer.cancel()
+        except AttemptFailed as failure:
+            return run.failed(failure.error, never_sent=failure.never_sent, now=time.monotonic())
+
     async def _run(self, call: Call[Out], timeout: float | None, metadata: Metadata | None) -> Out:
         run = CallRun(
             call,
@@ -356,12 +395,7 @@ class AsyncClient:
         action: Action = run.start()
         while True:
             if isinstance(action, Send):
-                try:
-                    action = run.replied(await self._attempt(call, action))
-                except AttemptFailed as failure:
-                    action = run.failed(
-                        failure.error, never_sent=failure.never_sent, now=time.monotonic()
-                    )
+                action = await self._perform(run, call, action)
             elif isinstance(action, NeedMap):
                 try:
                     cluster_map = await self._cluster_map(

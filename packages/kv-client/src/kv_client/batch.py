@@ -19,7 +19,12 @@ import grpc
 
 from kv.v1 import kv_pb2
 from kv_client._calls import Key, Value, encode, encode_key
-from kv_client.errors import KvError, error_from_status, status_from_number
+from kv_client.errors import (
+    KvError,
+    ShuttingDownError,
+    error_from_status,
+    status_from_number,
+)
 from kv_client.leaders import Leaders
 from kv_client.types import Versioned, WriteResult
 from kv_common.cluster_map import ClusterMap
@@ -115,6 +120,7 @@ def plan(
     indexes: Sequence[int],
     max_ops: int,
     leaders: Leaders | None = None,
+    now: float = 0.0,
 ) -> list[Chunk]:
     """Group operations by the node that serves each (its owner, or with replicas the leader
     of its partition as far as ``leaders`` knows) and cut each group at the node's op and
@@ -124,7 +130,7 @@ def plan(
     leaders = leaders if leaders is not None else Leaders()
     by_owner: defaultdict[str, list[int]] = defaultdict(list)
     for index in indexes:
-        by_owner[leaders.target(cluster_map, encoded[index][0])].append(index)
+        by_owner[leaders.target(cluster_map, encoded[index][0], now=now)].append(index)
     chunks = []
     for node_id, owned in by_owner.items():
         address = cluster_map.address_of(node_id)
@@ -150,7 +156,12 @@ def _chunk(
 
 
 def needs_resend(result: Result) -> bool:
-    return isinstance(result, KvError) and result.invalid_metadata
+    """Refused for a stale map, or failed without running where another try may succeed (the
+    node was unreachable or stopping, or no leader was known yet): safe to send again, even an
+    unconditional put."""
+    return isinstance(result, KvError) and (
+        result.invalid_metadata or (result.never_ran and result.retriable)
+    )
 
 
 def first_error(results: Sequence[Result]) -> KvError | None:
@@ -162,11 +173,16 @@ class BatchRun:
 
     Pure (the caller passes ``now``). Both clients drive it the same way and differ
     only in how they wait for the calls: plan the chunks, record each chunk's answer,
-    then ask for another round, which resends only what a node refused for a stale
-    map (once, and only while the deadline allows).
+    then ask for another round (after ``pause``, on a fresh map), which resends only what
+    provably did not run and may succeed elsewhere or later (``needs_resend``), while the
+    deadline allows and for at most ``ROUNDS`` rounds. A node a whole chunk could not reach
+    (or that is stopping) is suspect for the client's leader table, so the next round goes
+    to another replica of each partition, which serves it or forwards it to the new leader.
     """
 
-    ROUNDS = 2
+    ROUNDS = 8
+    FIRST_PAUSE = 0.05
+    MAX_PAUSE = 0.5
 
     def __init__(
         self,
@@ -183,22 +199,47 @@ class BatchRun:
         self.pending = list(range(len(self.encoded)))
         self.deadline = now + budget
         self.round = 0
+        self.pause = 0.0
+        """Seconds to wait before the round ``another_round`` just allowed."""
         self._max_ops = max_ops
 
     def remaining(self, now: float) -> float:
         """Seconds left for the next calls (never zero: gRPC needs a positive deadline)."""
         return max(MIN_CALL_TIMEOUT, self.deadline - now)
 
-    def chunks(self, cluster_map: ClusterMap) -> list[Chunk]:
-        return plan(cluster_map, self.encoded, self.pending, self._max_ops, self._leaders)
+    def chunks(self, cluster_map: ClusterMap, now: float) -> list[Chunk]:
+        return plan(cluster_map, self.encoded, self.pending, self._max_ops, self._leaders, now)
 
-    def record(self, chunk: Chunk, response: kv_pb2.BatchResponse | KvError) -> None:
+    def record(
+        self,
+        chunk: Chunk,
+        response: kv_pb2.BatchResponse | KvError,
+        *,
+        never_sent: bool = False,
+        now: float = 0.0,
+    ) -> None:
+        """One chunk's answer, or its call's error (``never_sent``: no connection was made)."""
+        if isinstance(response, KvError):
+            if never_sent:
+                response.never_ran = True
+            if self._leaders is not None and (
+                never_sent or isinstance(response, ShuttingDownError)
+            ):
+                self._leaders.suspect(chunk.node_id, now)
+        elif self._leaders is not None:
+            self._leaders.answered(chunk.node_id)
         record(self.results, chunk, response)
 
     def another_round(self, now: float) -> bool:
+        """Whether to send what is left again (then wait ``pause`` seconds first)."""
         self.pending = [i for i in self.pending if needs_resend(self.results[i])]
         self.round += 1
-        return bool(self.pending) and self.round < self.ROUNDS and now < self.deadline
+        left = [self.results[i] for i in self.pending]
+        stale_only = all(isinstance(r, KvError) and r.invalid_metadata for r in left)
+        # Stale-map refusals go at once (the new map says where); the others wait for an
+        # election or a restart, with backoff.
+        self.pause = 0.0 if stale_only else min(self.MAX_PAUSE, self.FIRST_PAUSE * 2**self.round)
+        return bool(self.pending) and self.round < self.ROUNDS and now + self.pause < self.deadline
 
 
 def values(results: Sequence[Result]) -> list[bytes | None]:

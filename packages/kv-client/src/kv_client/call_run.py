@@ -22,7 +22,13 @@ from typing import Any, Generic, TypeVar
 
 from kv_client._calls import Call
 from kv_client._transport import Metadata, routed_metadata
-from kv_client.errors import DeadlineExceededError, KvError, UnavailableError
+from kv_client.errors import (
+    DeadlineExceededError,
+    KvError,
+    NotLeaderError,
+    ShuttingDownError,
+    UnavailableError,
+)
 from kv_client.leaders import Leaders
 from kv_client.retry import RetryPolicy, next_pause
 from kv_common.cluster_map import ClusterMap, Limits
@@ -62,6 +68,13 @@ class Send:
     lane: LaneKey | None
     limits: Limits
     """The node's published request limits, which a lane's batches must fit."""
+    patience: float | None = None
+    """When (monotonic) to report the attempt to ``CallRun.slow`` if it is still unanswered;
+    None: never (one copy, or the policy says so)."""
+    abandon: bool = False
+    """Whether ``slow`` will abandon the attempt (cancel it and go elsewhere): only a call
+    that may be sent again after an unknown outcome. A queued, unsent lane call is always
+    taken out of its lane at ``patience`` (see ``coalesce``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +130,8 @@ class CallRun(Generic[Out]):
         self._sent: Send | None = None
         self._last_error: KvError | None = None
         self._leaders = leaders if leaders is not None else Leaders()
-        self._unreachable: set[str] = set()
-        """Nodes this call could not reach. A replica may go on naming a dead leader until its
-        own failure detector notices (about an election timeout); the call does not go back
-        to one of them on such a hint, but waits on the replica for news of the new leader."""
+        self._may_have_run = False
+        """Some failed attempt may have run (its outcome is unknown)."""
 
     def start(self) -> NeedMap:
         return NeedMap(refresh=False, deadline=self.deadline)
@@ -141,7 +152,22 @@ class CallRun(Generic[Out]):
 
     def replied(self, response: Any) -> Done[Out]:
         """The node answered (after ``Send``)."""
+        if self._sent is not None:
+            self._leaders.answered(self._sent.node_id)
         return Done(self.call.decode(response))
+
+    def slow(self, now: float) -> NeedMap | Wait | Fail | None:
+        """The attempt is still unanswered at its ``patience`` (after ``Send``): its node is
+        suspect, so other calls avoid it. None: keep waiting for this attempt; else it is
+        abandoned (``Send.abandon``: the driver cancels it) and this is what comes next."""
+        sent = self._sent
+        assert sent is not None and sent.patience is not None, "slow() follows a patient Send"
+        self._leaders.suspect(sent.node_id, now)
+        if not sent.abandon:
+            return None
+        waited = self._policy.patience
+        error = UnavailableError(f"no answer within {waited}s; sent again to another replica")
+        return self.failed(error, never_sent=False, now=now)
 
     def failed(self, error: KvError, *, never_sent: bool, now: float) -> NeedMap | Wait | Fail:
         """The attempt failed with ``error`` (after ``Send``).
@@ -151,7 +177,20 @@ class CallRun(Generic[Out]):
         sent = self._sent
         if sent is not None:
             error.relocated(f"{self.call.method} via node {sent.node_id!r} at {sent.address}")
+            if isinstance(error, ShuttingDownError):
+                # It is going: calls sent to it from now on may meet its server's own stop
+                # (CANCELLED, which cannot be told from a call cut short after it ran).
+                self._leaders.suspect(sent.node_id, now)
+            elif error.reason is not None:  # the node's own refusal: it is answering
+                self._leaders.answered(sent.node_id)
+            elif never_sent or isinstance(error, UnavailableError):
+                # No connection, or the connection failed under the call (reset, a ping
+                # unanswered: a frozen node): nothing from the node itself.
+                self._leaders.suspect(sent.node_id, now)
+        if not (error.never_ran or error.invalid_metadata or never_sent):
+            self._may_have_run = True
         self._last_error = error
+        replicated = self._map is not None and self._map.replication_factor > 1
         pause = next_pause(
             self._policy,
             error,
@@ -159,11 +198,18 @@ class CallRun(Generic[Out]):
             safety=self.call.safety,
             never_sent=never_sent,
             time_left=self.deadline - now,
+            failover=replicated,
         )
         if pause is None:
+            # What the caller may rely on is what holds for every attempt: the call never
+            # ran only if none of them may have.
+            error.never_ran = (error.never_ran or never_sent) and not self._may_have_run
             return Fail(error)
         self.attempt += 1
-        self._retarget(error, never_sent=never_sent)
+        if not self._retarget(error, now) and isinstance(error, NotLeaderError) and not pause:
+            # The hint was not followed (it names a suspect node): back off, then the next
+            # replica, rather than asking the same followers again at once.
+            pause = self._policy.backoff(self.attempt - 1)
         if error.invalid_metadata:
             self._pause_after_map = pause
             epoch = self._map.epoch if self._map is not None else None
@@ -182,8 +228,10 @@ class CallRun(Generic[Out]):
             )
         cluster_map = self._map
         assert cluster_map is not None, "routed() comes before any send"
-        node_id = self._leaders.target(cluster_map, self.call.key)
+        node_id = self._leaders.target(cluster_map, self.call.key, now=now)
         address = cluster_map.address_of(node_id)
+        patience = self._policy.patience
+        patient = patience is not None and cluster_map.replication_factor > 1
         self._sent = Send(
             node_id=node_id,
             address=address,
@@ -192,26 +240,33 @@ class CallRun(Generic[Out]):
             metadata=routed_metadata(cluster_map, self._metadata),
             lane=(address, cluster_map.epoch) if self._coalesce else None,
             limits=cluster_map.limits,
+            patience=now + patience if patient and patience is not None else None,
+            abandon=patient and self._abandonable(),
         )
         return self._sent
 
-    def _retarget(self, error: KvError, *, never_sent: bool) -> None:
+    def _abandonable(self) -> bool:
+        """May an attempt with an unknown outcome be followed by another (``Send.abandon``)?"""
+        probe = UnavailableError("probe")
+        return self._policy.should_retry(
+            probe, attempt=self.attempt, safety=self.call.safety, never_sent=False
+        )
+
+    def _retarget(self, error: KvError, now: float) -> bool:
         """Where a retry goes when the key's partition has several replicas: the leader a
         NOT_LEADER refusal named, or after the node tried could not serve (unreachable, no
-        leader yet), the next replica in ring order, which knows the leader or forwards."""
+        leader yet), the next replica in ring order, which knows the leader or forwards.
+        True when it follows a named leader."""
         sent, cluster_map = self._sent, self._map
         if sent is None or cluster_map is None or cluster_map.replication_factor < 2:
-            return
+            return False
         hinted = error.metadata.get("leader_id")
-        if hinted is not None and hinted in self._unreachable:
-            return  # stay on the replica that answered: it will learn the new leader
         if (
             hinted is not None
             and hinted != sent.node_id
-            and self._leaders.learned(cluster_map, self.call.key, hinted)
+            and self._leaders.learned(cluster_map, self.call.key, hinted, now=now)
         ):
-            return
+            return True
         if isinstance(error, UnavailableError):
-            if never_sent:
-                self._unreachable.add(sent.node_id)
             self._leaders.unreachable(cluster_map, self.call.key, sent.node_id)
+        return False

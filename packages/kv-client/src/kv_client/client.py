@@ -36,7 +36,13 @@ from kv_client.coalesce import (
     failed,
     within,
 )
-from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
+from kv_client.errors import (
+    DeadlineExceededError,
+    KvError,
+    UnavailableError,
+    error_from_rpc,
+    never_sent,
+)
 from kv_client.leaders import Leaders
 from kv_client.map_cache import Join, MapCache, MapFetch, Use
 from kv_client.retry import RetryPolicy
@@ -222,15 +228,21 @@ class Client:
                         chunk.request, timeout=run.remaining(time.monotonic()), metadata=md
                     ),
                 )
-                for chunk in run.chunks(cluster_map)
+                for chunk in run.chunks(cluster_map, time.monotonic())
             ]
             for chunk, future in calls:
                 try:
                     run.record(chunk, future.result())
                 except grpc.RpcError as exc:
-                    run.record(chunk, error_from_rpc(exc))
+                    run.record(
+                        chunk,
+                        error_from_rpc(exc),
+                        never_sent=never_sent(exc),
+                        now=time.monotonic(),
+                    )
             if not run.another_round(time.monotonic()):
                 return run.results
+            time.sleep(run.pause)
 
     def get_many(
         self,

@@ -21,7 +21,7 @@ import grpc
 from kv.v1 import kv_pb2
 from kv_client._calls import Call
 from kv_client.batch import result_error
-from kv_client.errors import DeadlineExceededError, KvError, error_from_rpc
+from kv_client.errors import DeadlineExceededError, KvError, UnavailableError, error_from_rpc
 from kv_client.errors import never_sent as _never_sent
 from kv_client.lane_state import (
     DEFAULT_COALESCE,
@@ -75,6 +75,13 @@ def _expired(never_sent: bool) -> AttemptFailed:
     )
 
 
+def _stuck() -> AttemptFailed:
+    return AttemptFailed(
+        UnavailableError("not sent: the lane to this node is behind a call it has not answered"),
+        never_sent=True,
+    )
+
+
 BatchSender = Callable[[kv_pb2.BatchRequest, float], Awaitable[kv_pb2.BatchResponse]]
 UnarySender = Callable[[], Awaitable[Any]]
 
@@ -93,7 +100,16 @@ class AsyncLane:
         self._tasks: set[asyncio.Future[None]] = set()
         self.batches_sent = 0
 
-    async def submit(self, call: Call[Any], deadline: float, send_unary: UnarySender) -> Any:
+    async def submit(
+        self,
+        call: Call[Any],
+        deadline: float,
+        send_unary: UnarySender,
+        *,
+        patience: float | None = None,
+    ) -> Any:
+        """``patience``: a call still queued then (the lane is stuck behind an unanswered
+        call to this node) leaves the lane unsent, to be sent elsewhere (``_stuck``)."""
         waiter = _Waiter(call.operation(), deadline, asyncio.get_running_loop().create_future())
         if self._state.arrive(waiter):
             try:
@@ -103,11 +119,23 @@ class AsyncLane:
             finally:
                 self._dispatch(self._state.finished())
         try:
+            if patience is not None and patience < deadline:
+                try:
+                    result = await asyncio.wait_for(
+                        asyncio.shield(waiter.future), max(0.0, patience - time.monotonic())
+                    )
+                    return unpack(result)
+                except TimeoutError:
+                    if self._state.give_up(waiter):
+                        raise _stuck() from None
             result = await asyncio.wait_for(
                 asyncio.shield(waiter.future), max(0.0, deadline - time.monotonic())
             )
         except TimeoutError:
             raise _expired(self._state.give_up(waiter)) from None
+        except asyncio.CancelledError:
+            self._state.give_up(waiter)  # abandoned by its run: never send it
+            raise
         return unpack(result)
 
     def _dispatch(self, group: list[_Waiter]) -> None:

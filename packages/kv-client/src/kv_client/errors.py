@@ -16,7 +16,14 @@ from typing import Any
 
 import grpc
 
-from kv_common.wire import RETRY_AFTER_MS, ErrorInfo, Reason, decode_status_details
+from kv_common.wire import (
+    NEVER_RAN,
+    RETRY_AFTER_MS,
+    ErrorInfo,
+    Reason,
+    connect_failed,
+    decode_status_details,
+)
 
 LIMIT_METADATA = "limit"
 """ErrorInfo.metadata field with the limit a TOO_LARGE refusal was measured against."""
@@ -32,7 +39,8 @@ class KvError(Exception):
     retriable = False
     invalid_metadata = False
     never_ran = False
-    """True when the node said it refused the call before running it."""
+    """True when the call certainly did not run: the node refused it before running it (by
+    its reason, or its ``never_ran`` metadata), or no attempt of it ever left this client."""
 
     def __init__(
         self,
@@ -47,6 +55,8 @@ class KvError(Exception):
         self.code = code
         self.reason = reason
         self.metadata: Mapping[str, str] = dict(metadata or {})
+        if self.metadata.get(NEVER_RAN) == "true":
+            self.never_ran = True
 
     def relocated(self, where: str) -> None:
         """Prefix the message with where the failed call went."""
@@ -88,6 +98,13 @@ class OverloadedError(UnavailableError):
         """Seconds the node asked callers to wait, from the refusal's metadata."""
         raw = self.metadata.get(RETRY_AFTER_MS)
         return int(raw) / 1000 if raw is not None and raw.isdigit() else None
+
+
+class ShuttingDownError(UnavailableError):
+    """The node is stopping and refused the call before running it (another replica or
+    the node's successor takes it), so even an unconditional write may be resent."""
+
+    never_ran = True
 
 
 class NotLeaderError(UnavailableError):
@@ -135,7 +152,7 @@ BY_REASON: Mapping[str, type[KvError]] = {
     Reason.VALUE_TOO_LARGE: TooLargeError,
     Reason.BATCH_TOO_LARGE: TooLargeError,
     Reason.OWNER_UNAVAILABLE: UnavailableError,
-    Reason.SHUTTING_DOWN: UnavailableError,
+    Reason.SHUTTING_DOWN: ShuttingDownError,
     Reason.OVERLOADED: OverloadedError,
     Reason.NOT_LEADER: NotLeaderError,
 }
@@ -198,15 +215,6 @@ def status_from_number(number: int) -> grpc.StatusCode:
     return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
-CONNECT_FAILURE_TEXT = ("failed to connect", "Connection refused")
-"""Fragments of gRPC's own UNAVAILABLE details when no connection was made.
-
-gRPC offers no structured signal for "the request was never written to a
-socket", and this one decision (may an unconditional write be resent?) needs
-it; the text is gRPC's, not a kv node's, so no reason can replace it.
-"""
-
-
 def never_sent(error: grpc.RpcError) -> bool:
     """True when gRPC reports that no connection could be made.
 
@@ -216,5 +224,4 @@ def never_sent(error: grpc.RpcError) -> bool:
     code: grpc.StatusCode = error.code()
     if code != grpc.StatusCode.UNAVAILABLE or details_of(error):
         return False  # a refusal with our ErrorInfo came from a node: a connection was made
-    details: str = error.details() or ""
-    return any(fragment in details for fragment in CONNECT_FAILURE_TEXT)
+    return connect_failed(error.details() or "")

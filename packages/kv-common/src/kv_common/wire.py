@@ -60,6 +60,25 @@ class Reason(StrEnum):
 RETRY_AFTER_MS = "retry_after_ms"
 """ErrorInfo.metadata key of an OVERLOADED refusal: milliseconds to wait before retrying."""
 
+NEVER_RAN = "never_ran"
+"""ErrorInfo.metadata key set to ``"true"`` on a refusal that proves the operation ran nowhere,
+where its reason alone does not say so: a node that could not even connect to the owner it
+forwards to (OWNER_UNAVAILABLE) sent nothing, so the caller may resend even an unconditional
+write. Absent means "may have run" unless the reason itself is one that never runs."""
+
+CONNECT_FAILURE_TEXT = ("failed to connect", "Connection refused")
+"""Fragments of gRPC's own UNAVAILABLE details when no connection was made.
+
+gRPC offers no structured signal for "the request was never written to a socket", and one
+decision (may an unconditional write be resent?) needs it, on the SDK and on a forwarding node
+alike; the text is gRPC's, not a kv node's, so no reason can replace it."""
+
+
+def connect_failed(details: str) -> bool:
+    """True when gRPC's details of an UNAVAILABLE call without our ErrorInfo say that no
+    connection could be made: the request certainly never reached a server."""
+    return any(fragment in details for fragment in CONNECT_FAILURE_TEXT)
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:

@@ -20,6 +20,13 @@ from kv_node.replication.replica import Replication
 from kv_node.servicer import ClusterServicer, KVServicer, Node
 from kv_node.store import Store
 
+QUIET_SECONDS = 0.1
+QUIET_MAX_SECONDS = 1.0
+"""A stopping node keeps refusing SHUTTING_DOWN until no call came for ``QUIET_SECONDS`` (at most
+``QUIET_MAX_SECONDS``) before its gRPC server stops: a call that meets gRPC's own stop is
+CANCELLED, which its caller cannot tell from one cut short after it ran, while the SDK keeps
+away from a node that refused it SHUTTING_DOWN."""
+
 LEADERS_WAIT_SECONDS = 10.0
 """How long a replicated node waits for its partitions' leaders before it reports SERVING."""
 
@@ -113,17 +120,31 @@ class NodeServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
-        """Refuse new requests, let in-flight ones finish, then close the store."""
-        self.node.draining = True
+        """Hand leaderships off (replicated), refuse new requests, let in-flight ones finish,
+        then close the store."""
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         replication = self.node.replication
+        if replication is not None:
+            # Before refusing anything: the partitions led here get a new leader while this
+            # node still answers, so callers learn it from NOT_LEADER refusals (which never
+            # ran) rather than from failed connects and an election timeout after it is gone.
+            moved = await replication.hand_off()
+            if not moved:
+                print(
+                    f"kv-node {self.config.node_id}: some leaderships did not move before "
+                    "stopping; their partitions elect a leader after it stops",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        self.node.draining = True
         if replication is not None:
             # Peers' Raft streams never end by themselves: let the calls in flight finish
             # (they need the runtime), then stop replicating, which ends the streams both
             # ways, so that the server's stop below does not wait out the whole grace.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.guard.idle.wait(), self.config.drain_seconds)
+            await self._until_quiet()
             await replication.stop()
         await self.server.stop(self.config.drain_seconds)
         if self.node.committer is not None:
@@ -132,6 +153,18 @@ class NodeServer:
         await self.node.metrics.close()
         if self.node.store is not None:
             self.node.store.close()
+
+    async def _until_quiet(self) -> None:
+        """Wait until callers stopped sending here (see ``QUIET_SECONDS``); every call counts,
+        refusals included, so ``requests_served`` still moving means someone still sends."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + QUIET_MAX_SECONDS
+        seen = self.node.requests_served
+        while loop.time() < give_up:
+            await asyncio.sleep(QUIET_SECONDS)
+            if self.node.requests_served == seen:
+                return
+            seen = self.node.requests_served
 
 
 async def close(data: Store | Replication | None) -> None:

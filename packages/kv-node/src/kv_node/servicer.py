@@ -20,7 +20,13 @@ import grpc
 from google.protobuf.message import Message
 
 from kv.v1 import cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kv_common.wire import HOP_METADATA, Reason, decode_status_details
+from kv_common.wire import (
+    HOP_METADATA,
+    NEVER_RAN,
+    Reason,
+    connect_failed,
+    decode_status_details,
+)
 from kv_node import __version__
 from kv_node.committer import GroupCommitter
 from kv_node.config import NodeConfig
@@ -156,9 +162,14 @@ class Node:
             raise Refused(self._not_leader(group, lost)) from None
 
     def _not_leader(self, group: int, lost: Exception) -> Refusal:
-        assert self.replication is not None
-        leader = self.replication.leader(group)
-        return self.router.not_leader(group, leader, f"{lost}; the operation did not run")
+        """NOT_LEADER naming the leader the refusal knew of (during a leadership transfer,
+        the replica taking over), else the one this node knows now."""
+        replication = self.replication
+        assert replication is not None
+        named = replication.member_of(lost.leader) if isinstance(lost, LeadershipLost) else None
+        if named is None or named == self.config.node_id:
+            named = replication.leader(group)
+        return self.router.not_leader(group, named, f"{lost}; the operation did not run")
 
     def cluster_map_reply(self, include_partitions: bool) -> cluster_pb2.GetClusterMapResponse:
         """The encoded map, built once per epoch: with partitions it is thousands of messages.
@@ -237,6 +248,9 @@ class Node:
         if info is not None:
             return Refusal(code, details, info.reason, info.metadata)
         where = {"owner_id": owner, "owner_address": address}
+        if code == grpc.StatusCode.UNAVAILABLE and connect_failed(details):
+            # Nothing left this node: the caller may resend even an unconditional write.
+            where[NEVER_RAN] = "true"
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             what = "is unreachable" if code == grpc.StatusCode.UNAVAILABLE else "did not answer"
             return Refusal(

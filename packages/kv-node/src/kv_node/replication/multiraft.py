@@ -52,6 +52,10 @@ FOLLOWER_SLEEP_MARGIN = 2
 its earliest election timeout (``election_tick``), so an idle follower never campaigns, yet close
 to it, so that a follower woken by its leader's death campaigns after only a few ticks."""
 
+QUORUM_GRACE_TICKS = 3
+"""Ticks a leader told its live quorum is gone waits before CheckQuorum: two heartbeat rounds
+(one a tick) and their answers, so that only a quorum that really went silent deposes it."""
+
 _VOTE_REQUESTS = frozenset({MessageType.VOTE, MessageType.PRE_VOTE})
 
 
@@ -141,6 +145,7 @@ class MultiRaft:
         for measuring what sleeping saves)."""
         self.id = node_id
         self.stats = DriverStats()
+        self._election_tick = election_tick
         self._quiescence = quiescence
         self._follower_sleep_ticks = max(heartbeat_tick + 1, election_tick - FOLLOWER_SLEEP_MARGIN)
         if self._follower_sleep_ticks >= election_tick:
@@ -344,6 +349,79 @@ class MultiRaft:
             voters = self._nodes[group].voters
             if peer in voters and not self._live_quorum(voters):
                 self._wake(group)
+        self._check_quorum_now(peer)
+
+    # -- leadership hand-off (a stopping node) ------------------------------------------------
+    def hand_off(self) -> int:
+        """Move the leadership of every group led here to another voter, before this node stops.
+
+        Each such group transfers to its most up-to-date live voter (the core sends it
+        TimeoutNow once it holds the whole log, so it wins at once, with no election timeout and
+        no lost write). A transfer already under way is left alone; one the core abandoned (it
+        gives up after an election timeout) is started again. Called every cycle while the node
+        stops, so that a group this node comes to lead again meanwhile is handed off too.
+        Returns how many groups it still leads and can hand to someone; 0 means done (a group
+        with no live voter besides this node cannot be handed off, and is not counted)."""
+        moving = 0
+        for group, node in self._nodes.items():
+            if node.role is not Role.LEADER:
+                continue
+            if node.raft.lead_transferee != NO_NODE or group in self._in_cycle:
+                moving += 1  # under way, or busy (its Ready is out): a later cycle moves it
+                continue
+            to = self._transferee(node)
+            if to == NO_NODE:
+                continue
+            node.transfer_leadership(to)
+            self._dirty[group] = None
+            self._wake(group)
+            moving += 1
+        return moving
+
+    def _check_quorum_now(self, dead: int) -> None:
+        """Leaders that just lost a live quorum (``dead`` was one too many) ask CheckQuorum
+        within ``QUORUM_GRACE_TICKS``, rather than at the end of their window (up to two
+        election timeouts away: the window running when the peers went silent may still count
+        them).
+
+        The transport declares a peer dead after an election timeout without a frame from it,
+        so its silence already spans a full window; the dead peers are marked inactive, and the
+        grace lets a peer that does answer (a wrong verdict: this node's own loop stalled, and
+        the frames were waiting) be heard from first. Afterwards a cut-off leader refuses new
+        calls as NOT_LEADER, so callers go to the side that can elect a leader. Stepping down
+        early is always safe; it only costs this side its leadership."""
+        alive = self._alive
+        last_tick = self._election_tick - QUORUM_GRACE_TICKS
+        for group, node in self._nodes.items():
+            if node.role is not Role.LEADER or dead not in node.voters:
+                continue
+            if self._live_quorum(node.voters):
+                continue
+            self._wake(group)
+            raft = node.raft
+            for peer, progress in raft.prs.items():
+                if peer != self.id and not alive.get(peer, True):
+                    progress.recent_active = False
+            raft.election_elapsed = max(raft.election_elapsed, last_tick)
+            self._dirty[group] = None
+
+    def transferee(self, group: int) -> int:
+        """The voter ``group``'s leadership is being handed to (``NO_NODE`` when none): the
+        leader to name to callers meanwhile, since the core refuses proposals until it ends."""
+        return self._nodes[group].raft.lead_transferee
+
+    def _transferee(self, node: RawNode) -> int:
+        """The live voter (besides us) whose log matches ours furthest; ties go to the lowest id
+        so that every run of a seed picks the same one."""
+        alive = self._alive
+        best, best_match = NO_NODE, -1
+        for peer in sorted(node.voters):
+            if peer == self.id or not alive.get(peer, True):
+                continue
+            match = node.prs[peer].match
+            if match > best_match:
+                best, best_match = peer, match
+        return best
 
     # -- output ----------------------------------------------------------------------------------
     def collect(self) -> Cycle:

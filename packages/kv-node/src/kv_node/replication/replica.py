@@ -16,6 +16,7 @@ then the transport and the runtime start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ from kv_node.replication.transport import PeerTransport, TransportConfig, raft_n
 from kv_node.store import Op, Outcome
 from kv_raft import NO_NODE, ConfState, Message
 from kv_raft.types import DEFAULT_ELECTION_TICK, DEFAULT_HEARTBEAT_TICK
+
+HAND_OFF_ELECTION_TIMEOUTS = 2
+"""How long a stopping node waits for its leaderships to move: the core abandons a transfer
+after one election timeout and the node starts it again, so two allow one retry."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,9 @@ class Replication:
             compact_after=config.compact_after,
             keep_after_compact=config.keep_after_compact,
         )
+        self._hand_off_seconds = (
+            HAND_OFF_ELECTION_TIMEOUTS * config.election_tick * config.tick_seconds
+        )
         self._leaderless = set(groups)
         self.all_led = asyncio.Event()
         """Set once every hosted group has known a leader (readiness at start)."""
@@ -167,6 +175,23 @@ class Replication:
 
     async def read(self, group: int, key: bytes) -> tuple[bytes, int] | None:
         return await self.runtime.read(group, key)
+
+    def member_of(self, raft_id: int) -> str | None:
+        """The member id of raft id ``raft_id``; None for ``NO_NODE`` (or an unknown id)."""
+        return self.members.get(raft_id)
+
+    async def hand_off(self) -> bool:
+        """Hand every leadership held here to another replica, before this node stops; wait
+        for it at most ``HAND_OFF_ELECTION_TIMEOUTS`` election timeouts. The node keeps serving
+        meanwhile: what it no longer leads it refuses as NOT_LEADER naming the new leader (and
+        during a transfer, the replica taking over), so callers move before it goes away,
+        instead of after a failed connect and an election. True when everything moved."""
+        if self.runtime.stopped.is_set():
+            return False  # a failed cycle ended the runtime: nothing can move any more
+        self.runtime.hand_off()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.runtime.handed_off.wait(), self._hand_off_seconds)
+        return self.runtime.handed_off.is_set()
 
     def leader(self, group: int) -> str | None:
         """The member this node believes leads ``group``; None when it knows of none."""

@@ -124,6 +124,9 @@ class ReplicationRuntime:
         self.failure: Exception | None = None
         """What ended the loop when a cycle failed (the node must exit)."""
         self.stats = RuntimeStats()
+        self._handing_off = False
+        self.handed_off = asyncio.Event()
+        """Set once ``hand_off`` moved every leadership it could (see ``MultiRaft.hand_off``)."""
 
     # -- what the servicer calls ----------------------------------------------------------------
     async def write(self, group: int, ops: Sequence[Op]) -> list[Outcome]:
@@ -176,6 +179,12 @@ class ReplicationRuntime:
     def on_link_up(self, peer: int) -> None:
         """Our stream to ``peer`` is up: what we send it arrives from now on."""
         self._inbox.connected.append(peer)
+        self._wake.set()
+
+    def hand_off(self) -> None:
+        """Start handing every leadership here to another replica (a stopping node); from now
+        on each cycle continues it, and ``handed_off`` is set once nothing is left to move."""
+        self._handing_off = True
         self._wake.set()
 
     # -- life -----------------------------------------------------------------------------------
@@ -263,6 +272,8 @@ class ReplicationRuntime:
                 later.append((group, message))  # stepped once its Ready is advanced
             else:
                 driver.step(group, message)
+        if self._handing_off and not driver.hand_off():
+            self.handed_off.set()
         # One caller's bad request must never stop the runtime: every refusal below fails
         # only the callers it concerns.
         for group, ops, waiters in self._proposals.take(busy):
@@ -273,8 +284,9 @@ class ReplicationRuntime:
                 continue
             try:
                 index = driver.propose(group, data)
-            except ProposalDropped:  # NotLeader, or a leadership transfer
-                self._proposals.refused(waiters, LeadershipLost(group, driver.leader(group)))
+            except ProposalDropped:  # NotLeader, or a leadership transfer (name its target)
+                leader = driver.transferee(group) or driver.leader(group)
+                self._proposals.refused(waiters, LeadershipLost(group, leader))
                 continue
             self._proposals.proposed(group, index, driver.term(group), waiters)
         for group, request_id in self._reads.requests(busy):
