@@ -5,8 +5,9 @@ by the leader of each operation's partition as far as the client knows), cut
 into chunks of at most ``max_ops``, and each chunk goes to that node as one call;
 the chunks run in parallel. Every operation gets its own result: a value,
 a ``WriteResult``, or the ``KvError`` it failed with (never raised here).
-Operations that a node refused because the client's map was stale are sent
-again once after a map refresh.
+Operations that provably did not run (refused for a stale map, a node that could
+not be reached or was stopping, no leader yet) are sent again on a fresh map, a few
+rounds at most and within the deadline; one that may have run is never sent twice.
 """
 
 from __future__ import annotations
