@@ -238,7 +238,7 @@ def test_a_node_behind_compaction_catches_up_by_snapshot(tmp_path: Path) -> None
         await until(applied_on([restarted], group, last), f"{name} caught up on group {group}")
         for key, found in written.items():
             assert restarted.store.get(group, key) == found
-        assert leader.runtime.stats.snapshots_sent > 0
+        assert leader.transport.stats.snapshots_sent > 0
 
     run(tmp_path, scenario, config=COMPACTING)
 

@@ -280,8 +280,7 @@ def _check_placement(data_dir: Path, identity: Identity, placement: str, *, what
 
 def hosted_partitions(cluster_map: ClusterMap, node_id: str) -> frozenset[int]:
     """The partitions whose replica sets include ``node_id``: the groups its store may hold."""
-    placement = cluster_map.placement
-    return frozenset(p for p in range(cluster_map.partitions) if node_id in placement.replicas(p))
+    return frozenset(cluster_map.placement.partitions_by_node().get(node_id, ()))
 
 
 def open_replica_store(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kv_client import Client
 from kv_common.placement import DEFAULT_PARTITIONS
+from kv_node.config import DEFAULT_REPLICATION_FACTOR
 from kv_tools import launcher
 from kv_tools.cluster_dir import (
     DOWN,
@@ -42,8 +43,6 @@ from kv_tools.cluster_dir import (
 )
 
 DEFAULT_NODES = 3
-DEFAULT_REPLICATION_FACTOR = 3
-"""As the node's own default: three copies (capped at the node count)."""
 LOCK_FILE = "up.lock"
 TICK_SECONDS = 0.2  # how soon a death or a start request is noticed
 

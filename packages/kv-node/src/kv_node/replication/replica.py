@@ -89,8 +89,7 @@ class Replication:
         placement = cluster_map.placement
         groups = {
             p: tuple(ids[replica] for replica in placement.replicas(p))
-            for p in range(cluster_map.partitions)
-            if member_id in placement.replicas(p)
+            for p in placement.partitions_by_node()[member_id]
         }
         store.bootstrap({g: ConfState(voters=frozenset(voters)) for g, voters in groups.items()})
         self.store = store

@@ -79,7 +79,6 @@ class RuntimeStats:
     inbox_dropped: int = 0
     leader_changes: int = 0
     compactions: int = 0
-    snapshots_sent: int = 0
 
 
 @dataclass
@@ -348,7 +347,6 @@ class ReplicationRuntime:
         for raft_id, messages in outbox.items():
             self._transport.send(raft_id, [(item.group, item.message) for item in messages])
             self.stats.messages_sent += len(messages)
-            self.stats.snapshots_sent += sum(item.message.snapshot is not None for item in messages)
 
     def _answer_writes(self, results: CommitResult) -> None:
         """Each writer gets its outcomes (or learns its entry was replaced or failed)."""
