@@ -129,7 +129,7 @@ class RawNode:
         prev_soft = self._prev_soft
         if prev_soft.leader != raft.lead or prev_soft.role != raft.role:
             return True
-        return raft.hard_state() != self._prev_hard
+        return not raft.hard_state_is(self._prev_hard)
 
     def ready(self) -> Ready:
         """Everything the runtime must do now. Call ``advance`` with it before calling again."""

@@ -142,6 +142,11 @@ class Raft:
         vote = NO_NODE if self._bug_forget_vote else self.vote
         return HardState(self.term, vote, self.log.committed)
 
+    def hard_state_is(self, hard: HardState) -> bool:
+        """``hard_state() == hard``, without building one (checked for every group, every cycle)."""
+        vote = NO_NODE if self._bug_forget_vote else self.vote
+        return hard.term == self.term and hard.vote == vote and hard.commit == self.log.committed
+
     # ------------------------------------------------------------------------------------------
     # Role changes
     def _reset(self, term: int) -> None:
