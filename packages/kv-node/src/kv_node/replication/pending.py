@@ -247,7 +247,8 @@ class Reads:
                 due[group] = None  # unanswered for reissue_ticks: ask again
         if not due:
             return
-        self._due = still_due = {}
+        still_due: dict[int, None] = {}
+        self._due = still_due
         order = list(due)
         done = 0
         try:
