@@ -168,27 +168,33 @@ def decode_message(message: raft_pb2.Message) -> Message:
     kind = _MESSAGE_TYPE_FROM_PB.get(message.type)
     if kind is None:
         raise CodecError(f"unknown or missing message type {message.type}")
-    if message.to == NO_NODE or message.frm == NO_NODE:
+    to = message.to
+    frm = message.frm
+    if to == NO_NODE or frm == NO_NODE:
         raise CodecError(f"{kind.name} message names node 0 as sender or receiver")
-    entries = []
-    for entry in message.entries:
-        entry_type = _ENTRY_TYPE_FROM_PB.get(entry.type)
-        if entry_type is None:
-            raise CodecError(f"unknown or missing entry type {entry.type}")
-        entries.append(Entry(entry.term, entry.index, entry_type, entry.data))
+    entries: tuple[Entry, ...] = ()
+    if message.entries:
+        decoded = []
+        for entry in message.entries:
+            entry_type = _ENTRY_TYPE_FROM_PB.get(entry.type)
+            if entry_type is None:
+                raise CodecError(f"unknown or missing entry type {entry.type}")
+            decoded.append(Entry(entry.term, entry.index, entry_type, entry.data))
+        entries = tuple(decoded)
+    # Positional, in Message's field order: each keyword is a lookup (per message received).
     return Message(
-        type=kind,
-        to=message.to,
-        frm=message.frm,
-        term=message.term,
-        log_term=message.log_term,
-        index=message.index,
-        entries=tuple(entries),
-        commit=message.commit,
-        reject=message.reject,
-        reject_hint=message.reject_hint,
-        snapshot=_decode_snapshot(message.snapshot) if message.HasField("snapshot") else None,
-        context=message.context,
+        kind,
+        to,
+        frm,
+        message.term,
+        message.log_term,
+        message.index,
+        entries,
+        message.commit,
+        message.reject,
+        message.reject_hint,
+        _decode_snapshot(message.snapshot) if message.HasField("snapshot") else None,
+        message.context,
     )
 
 
