@@ -323,19 +323,19 @@ class Raft:
         grant, which echoes the candidate's future term so that it is not dropped as stale.
         """
         self.msgs.append(
-            Message(
+            Message(  # positional, in Message's field order (per message sent)
                 kind,
-                to=to,
-                frm=self.id,
-                term=self.term if term is None else term,
-                log_term=log_term,
-                index=index,
-                entries=entries,
-                commit=commit,
-                reject=reject,
-                reject_hint=reject_hint,
-                snapshot=snapshot,
-                context=context,
+                to,
+                self.id,
+                self.term if term is None else term,
+                log_term,
+                index,
+                entries,
+                commit,
+                reject,
+                reject_hint,
+                snapshot,
+                context,
             )
         )
 
