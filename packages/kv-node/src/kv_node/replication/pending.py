@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -232,7 +232,9 @@ class Reads:
     def tick(self) -> None:
         self._tick += 1
 
-    def requests(self, busy: Callable[[int], bool] = _never) -> Iterator[tuple[int, bytes]]:
+    def requests(
+        self, busy: Callable[[int], bool] = _never
+    ) -> Generator[tuple[int, bytes], None, None]:
         """The ReadIndex requests to issue now: (group, request id) for each group with reads
         queued and no request in flight (or one unanswered for ``reissue_ticks``), but for
         the groups that are ``busy`` (their Ready is out): those ask later."""
