@@ -213,3 +213,33 @@ def test_two_callers_writing_one_key_never_share_an_entry() -> None:
         assert entries == [[b"k", b"other"], [b"k", b"k", b"k"]]
 
     run(scenario)
+
+
+def test_reads_queued_while_a_request_is_out_are_asked_once_it_is_answered() -> None:
+    async def scenario() -> None:
+        reads = Reads()
+        first = reads.queue(1)
+        ((_, request_id),) = list(reads.requests())
+        later = reads.queue(1)
+        assert list(reads.requests()) == []  # one request in flight per group
+        reads.read_state(1, request_id, index=2, applied=2)
+        assert first.done() and not later.done()
+        ((group, _),) = list(reads.requests())
+        assert group == 1
+
+    run(scenario)
+
+
+def test_busy_groups_and_groups_left_unasked_by_a_caller_stay_due() -> None:
+    async def scenario() -> None:
+        reads = Reads()
+        for group in (1, 2, 3):
+            reads.queue(group)
+        assert [g for g, _ in reads.requests(busy=lambda group: group == 2)] == [1, 3]
+        reads.queue(4)
+        requests = reads.requests()
+        assert next(requests)[0] == 2
+        requests.close()  # stopped early: group 4 was not asked yet
+        assert [g for g, _ in reads.requests()] == [4]
+
+    run(scenario)

@@ -143,7 +143,9 @@ class RaftLog:
         return self.slice(lo, self.committed + 1)
 
     def has_next_committed_entries(self) -> bool:
-        return self.committed > max(self.applying, self.first_index() - 1)
+        # committed > max(applying, first_index() - 1), asking storage only when it matters.
+        committed = self.committed
+        return committed > self.applying and committed >= self.first_index()
 
     # -- changing -------------------------------------------------------------------------------
     def find_conflict(self, entries: tuple[Entry, ...] | list[Entry]) -> int:

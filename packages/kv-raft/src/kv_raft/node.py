@@ -129,15 +129,16 @@ class RawNode:
         prev_soft = self._prev_soft
         if prev_soft.leader != raft.lead or prev_soft.role != raft.role:
             return True
-        return raft.hard_state() != self._prev_hard
+        return not raft.hard_state_is(self._prev_hard)
 
     def ready(self) -> Ready:
         """Everything the runtime must do now. Call ``advance`` with it before calling again."""
         raft = self.raft
         log = raft.log
-        soft = raft.soft_state()
-        hard = raft.hard_state()
+        prev_soft = self._prev_soft
+        soft_changed = prev_soft.leader != raft.lead or prev_soft.role != raft.role
         prev_hard = self._prev_hard
+        hard = prev_hard if raft.hard_state_is(prev_hard) else raft.hard_state()
         entries = tuple(log.unstable_entries())
         snapshot = log.pending_snapshot()
         committed = tuple(log.next_committed_entries()) if log.has_next_committed_entries() else ()
@@ -149,8 +150,8 @@ class RawNode:
         # message that depends on it leaves. A new commit index alone may be lost and relearned.
         vote_changed = hard.term != prev_hard.term or hard.vote != prev_hard.vote
         return Ready(
-            soft_state=soft if soft != self._prev_soft else None,
-            hard_state=hard if hard != prev_hard else None,
+            soft_state=raft.soft_state() if soft_changed else None,
+            hard_state=hard if hard is not prev_hard else None,
             entries=entries,
             snapshot=snapshot,
             committed_entries=committed,

@@ -22,7 +22,7 @@ def quorum_size(voters: int) -> int:
 
 def committed_index(voters: Iterable[int], match: Mapping[int, int]) -> int:
     """The largest index that a majority of ``voters`` have durably (0 with no voters)."""
-    indexes = sorted((match.get(v, 0) for v in voters), reverse=True)
+    indexes = sorted([match.get(v, 0) for v in voters], reverse=True)
     if not indexes:
         return 0
     return indexes[quorum_size(len(indexes)) - 1]

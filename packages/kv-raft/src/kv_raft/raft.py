@@ -142,6 +142,11 @@ class Raft:
         vote = NO_NODE if self._bug_forget_vote else self.vote
         return HardState(self.term, vote, self.log.committed)
 
+    def hard_state_is(self, hard: HardState) -> bool:
+        """``hard_state() == hard``, without building one (checked for every group, every cycle)."""
+        vote = NO_NODE if self._bug_forget_vote else self.vote
+        return hard.term == self.term and hard.vote == vote and hard.commit == self.log.committed
+
     # ------------------------------------------------------------------------------------------
     # Role changes
     def _reset(self, term: int) -> None:
@@ -318,19 +323,19 @@ class Raft:
         grant, which echoes the candidate's future term so that it is not dropped as stale.
         """
         self.msgs.append(
-            Message(
+            Message(  # positional, in Message's field order (per message sent)
                 kind,
-                to=to,
-                frm=self.id,
-                term=self.term if term is None else term,
-                log_term=log_term,
-                index=index,
-                entries=entries,
-                commit=commit,
-                reject=reject,
-                reject_hint=reject_hint,
-                snapshot=snapshot,
-                context=context,
+                to,
+                self.id,
+                self.term if term is None else term,
+                log_term,
+                index,
+                entries,
+                commit,
+                reject,
+                reject_hint,
+                snapshot,
+                context,
             )
         )
 

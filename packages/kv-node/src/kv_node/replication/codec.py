@@ -41,6 +41,7 @@ __all__ = [
     "decode_snapshot_message",
     "encode_batch",
     "encode_message",
+    "encode_message_into",
     "encode_snapshot_header",
     "parse_request",
 ]
@@ -120,61 +121,80 @@ def _decode_snapshot(snapshot: raft_pb2.Snapshot) -> Snapshot:
 
 def encode_message(message: Message) -> raft_pb2.Message:
     """Raises CodecError for a message the receiver would refuse (or numbers outside uint64)."""
+    encoded = raft_pb2.Message()
+    encode_message_into(encoded, message)
+    return encoded
+
+
+def encode_message_into(encoded: raft_pb2.Message, message: Message) -> None:
+    """``encode_message`` into an empty ``encoded`` (an item of a batch being built, so that
+    it is not copied there); raises CodecError as it does, leaving ``encoded`` partly set.
+
+    Fields at their default (0, False, empty) are left unset: proto3 does not send them, so
+    the bytes are the same, and each field set is a call into protobuf (the per-message cost
+    of every Raft message sent)."""
     if message.to == NO_NODE or message.frm == NO_NODE:
         raise CodecError(f"{message.type.name} message names node 0 as sender or receiver")
     try:
-        encoded = raft_pb2.Message(
-            type=_MESSAGE_TYPE_TO_PB[message.type],
-            to=message.to,
-            frm=message.frm,
-            term=message.term,
-            log_term=message.log_term,
-            index=message.index,
-            entries=[
-                raft_pb2.Entry(
-                    term=e.term, index=e.index, type=_ENTRY_TYPE_TO_PB[e.type], data=e.data
-                )
-                for e in message.entries
-            ],
-            commit=message.commit,
-            reject=message.reject,
-            reject_hint=message.reject_hint,
-            context=message.context,
-        )
+        encoded.type = _MESSAGE_TYPE_TO_PB[message.type]
+        encoded.to = message.to
+        encoded.frm = message.frm
+        encoded.term = message.term
+        if message.log_term:
+            encoded.log_term = message.log_term
+        if message.index:
+            encoded.index = message.index
+        if message.commit:
+            encoded.commit = message.commit
+        if message.reject:
+            encoded.reject = True
+        if message.reject_hint:
+            encoded.reject_hint = message.reject_hint
+        if message.context:
+            encoded.context = message.context
+        if message.entries:
+            add = encoded.entries.add
+            for e in message.entries:
+                add(term=e.term, index=e.index, type=_ENTRY_TYPE_TO_PB[e.type], data=e.data)
         if message.snapshot is not None:
             encoded.snapshot.CopyFrom(_encode_snapshot(message.snapshot))
     except (ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, CodecError):
             raise
         raise CodecError(f"cannot encode {message.type.name} message: {exc}") from exc
-    return encoded
 
 
 def decode_message(message: raft_pb2.Message) -> Message:
     kind = _MESSAGE_TYPE_FROM_PB.get(message.type)
     if kind is None:
         raise CodecError(f"unknown or missing message type {message.type}")
-    if message.to == NO_NODE or message.frm == NO_NODE:
+    to = message.to
+    frm = message.frm
+    if to == NO_NODE or frm == NO_NODE:
         raise CodecError(f"{kind.name} message names node 0 as sender or receiver")
-    entries = []
-    for entry in message.entries:
-        entry_type = _ENTRY_TYPE_FROM_PB.get(entry.type)
-        if entry_type is None:
-            raise CodecError(f"unknown or missing entry type {entry.type}")
-        entries.append(Entry(entry.term, entry.index, entry_type, entry.data))
+    entries: tuple[Entry, ...] = ()
+    if message.entries:
+        decoded = []
+        for entry in message.entries:
+            entry_type = _ENTRY_TYPE_FROM_PB.get(entry.type)
+            if entry_type is None:
+                raise CodecError(f"unknown or missing entry type {entry.type}")
+            decoded.append(Entry(entry.term, entry.index, entry_type, entry.data))
+        entries = tuple(decoded)
+    # Positional, in Message's field order: each keyword is a lookup (per message received).
     return Message(
-        type=kind,
-        to=message.to,
-        frm=message.frm,
-        term=message.term,
-        log_term=message.log_term,
-        index=message.index,
-        entries=tuple(entries),
-        commit=message.commit,
-        reject=message.reject,
-        reject_hint=message.reject_hint,
-        snapshot=_decode_snapshot(message.snapshot) if message.HasField("snapshot") else None,
-        context=message.context,
+        kind,
+        to,
+        frm,
+        message.term,
+        message.log_term,
+        message.index,
+        entries,
+        message.commit,
+        message.reject,
+        message.reject_hint,
+        _decode_snapshot(message.snapshot) if message.HasField("snapshot") else None,
+        message.context,
     )
 
 

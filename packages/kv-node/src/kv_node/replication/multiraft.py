@@ -35,6 +35,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kv_raft import NO_NODE, Config, Message, MessageType, RawNode, Ready, Role, Storage
 from kv_raft.types import DEFAULT_ELECTION_TICK, DEFAULT_HEARTBEAT_TICK, RESPONSE_TYPES
@@ -59,9 +60,9 @@ QUORUM_GRACE_TICKS = 3
 _VOTE_REQUESTS = frozenset({MessageType.VOTE, MessageType.PRE_VOTE})
 
 
-@dataclass(frozen=True, slots=True)
-class GroupMessage:
-    """A Raft message of one group, as it travels between nodes."""
+class GroupMessage(NamedTuple):
+    """A Raft message of one group, as it travels between nodes: a (group, message) pair, so
+    that a destination's messages go to the transport as they are, without a copy."""
 
     group: int
     message: Message

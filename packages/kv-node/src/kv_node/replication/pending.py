@@ -29,7 +29,8 @@ and reissued after ``reissue_ticks`` ticks otherwise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -213,36 +214,73 @@ class Reads:
         self._groups: dict[int, _GroupReads] = {}
         self._ids = count(1)
         self._tick = 0
+        # What ``requests`` looks at, so that a cycle touches only the groups with work rather
+        # than every group that ever had a read: the groups with reads queued (in the order
+        # they were first queued), and the requests in flight in the order issued (so by issue
+        # tick), whose front is checked for being due again. An entry there may be stale (its
+        # request was answered or abandoned since): it is skipped when it comes up.
+        self._due: dict[int, None] = {}
+        self._issued: deque[tuple[int, int, _Request]] = deque()
 
     def queue(self, group: int) -> asyncio.Future[None]:
         """A read of ``group``: the future completes when the read may be served locally."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._groups.setdefault(group, _GroupReads()).queued.append(future)
+        self._due[group] = None
         return future
 
     def tick(self) -> None:
         self._tick += 1
 
-    def requests(self, busy: Callable[[int], bool] = _never) -> Iterator[tuple[int, bytes]]:
+    def requests(
+        self, busy: Callable[[int], bool] = _never
+    ) -> Generator[tuple[int, bytes], None, None]:
         """The ReadIndex requests to issue now: (group, request id) for each group with reads
         queued and no request in flight (or one unanswered for ``reissue_ticks``), but for
         the groups that are ``busy`` (their Ready is out): those ask later."""
-        for group, reads in self._groups.items():
-            if busy(group):
-                continue
-            in_flight = reads.in_flight
-            if in_flight is not None:
-                if self._tick - in_flight.issued_tick < self._reissue_ticks:
+        groups = self._groups
+        due = self._due
+        issued = self._issued
+        oldest = self._tick - self._reissue_ticks
+        while issued and issued[0][0] <= oldest:
+            _, group, request = issued.popleft()
+            reads = groups.get(group)
+            if reads is not None and reads.in_flight is request:
+                due[group] = None  # unanswered for reissue_ticks: ask again
+        if not due:
+            return
+        still_due: dict[int, None] = {}
+        self._due = still_due
+        order = list(due)
+        done = 0
+        try:
+            for group in order:
+                done += 1
+                reads = groups[group]
+                if busy(group):
+                    still_due[group] = None
                     continue
-                reads.queued[:0] = in_flight.waiters  # asked again, with the newer reads
-                reads.in_flight = None
-            waiting = [future for future in reads.queued if not future.done()]
-            reads.queued = []
-            if not waiting:
-                continue
-            request_id = next(self._ids).to_bytes(8, "big")
-            reads.in_flight = _Request(request_id, waiting, self._tick)
-            yield group, request_id
+                in_flight = reads.in_flight
+                if in_flight is not None:
+                    if self._tick - in_flight.issued_tick < self._reissue_ticks:
+                        if reads.queued:
+                            still_due[group] = None  # asked once the answer is in
+                        continue
+                    reads.queued[:0] = in_flight.waiters  # asked again, with the newer reads
+                    reads.in_flight = None
+                waiting = [future for future in reads.queued if not future.done()]
+                reads.queued = []
+                if not waiting:
+                    continue
+                request_id = next(self._ids).to_bytes(8, "big")
+                request = _Request(request_id, waiting, self._tick)
+                reads.in_flight = request
+                issued.append((self._tick, group, request))
+                yield group, request_id
+        finally:
+            # A caller that stops iterating early leaves the rest due, as they were.
+            for group in order[done:]:
+                still_due[group] = None
 
     def refused(self, group: int, request_id: bytes, error: Exception) -> None:
         """The request could not be issued (this node does not lead the group)."""
@@ -300,6 +338,8 @@ class Reads:
                 if not future.done():
                     future.set_exception(error)
         self._groups.clear()
+        self._due.clear()
+        self._issued.clear()
 
     def waiting(self) -> int:
         """Reads not yet answered, all groups."""

@@ -345,7 +345,7 @@ class ReplicationRuntime:
 
     def _send(self, outbox: Mapping[int, Sequence[GroupMessage]]) -> None:
         for raft_id, messages in outbox.items():
-            self._transport.send(raft_id, [(item.group, item.message) for item in messages])
+            self._transport.send(raft_id, messages)
             self.stats.messages_sent += len(messages)
 
     def _answer_writes(self, results: CommitResult) -> None:

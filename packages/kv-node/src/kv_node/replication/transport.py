@@ -84,7 +84,7 @@ from kv_node.replication.chunks import (
     ReassemblyBudget,
     SnapshotDiscarded,
 )
-from kv_node.replication.codec import CodecError, decode_batch, encode_message, parse_request
+from kv_node.replication.codec import CodecError, decode_batch, encode_message_into, parse_request
 from kv_raft import Message
 
 __all__ = [
@@ -663,9 +663,14 @@ class PeerTransport:
         queue = link.queue
         while queue and len(out) < self.config.max_frame_messages:
             group, message = queue[0]
+            # Encoded in place, as the frame's next item (no copies); taken out again if the
+            # message does not go in this frame.
+            encoded = out.add()
             try:
-                encoded = raft_pb2.GroupMessage(group_id=group, message=encode_message(message))
+                encoded.group_id = group
+                encode_message_into(encoded.message, message)
             except (CodecError, ValueError) as exc:
+                del out[-1]
                 queue.popleft()
                 link.queued_bytes -= _approximate_size(message)
                 log.error("dropping a Raft message for group %d we cannot encode: %s", group, exc)
@@ -673,6 +678,7 @@ class PeerTransport:
                 continue
             size = encoded.ByteSize()
             if size > MAX_MESSAGE_BYTES:
+                del out[-1]
                 queue.popleft()
                 link.queued_bytes -= _approximate_size(message)
                 log.error(
@@ -684,11 +690,11 @@ class PeerTransport:
                 )
                 self._drop(link, [(group, message)])
                 continue
-            if out and frame_bytes + size > self.config.max_frame_bytes:
+            if len(out) > 1 and frame_bytes + size > self.config.max_frame_bytes:
+                del out[-1]
                 break
             queue.popleft()
             link.queued_bytes -= _approximate_size(message)
-            out.append(encoded)
             frame_bytes += size
         return request, len(out)
 
