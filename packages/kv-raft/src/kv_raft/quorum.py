@@ -22,10 +22,17 @@ def quorum_size(voters: int) -> int:
 
 def committed_index(voters: Iterable[int], match: Mapping[int, int]) -> int:
     """The largest index that a majority of ``voters`` have durably (0 with no voters)."""
-    indexes = sorted([match.get(v, 0) for v in voters], reverse=True)
+    return quorum_index([match.get(v, 0) for v in voters])
+
+
+def quorum_index(indexes: list[int]) -> int:
+    """The largest index that a majority of these (one per voter) reach; 0 for none.
+
+    Sorts ``indexes`` in place (callers pass a list built for the call)."""
     if not indexes:
         return 0
-    return indexes[quorum_size(len(indexes)) - 1]
+    indexes.sort()
+    return indexes[len(indexes) - quorum_size(len(indexes))]
 
 
 def vote_result(voters: Iterable[int], votes: Mapping[int, bool]) -> VoteResult:

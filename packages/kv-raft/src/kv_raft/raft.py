@@ -139,13 +139,19 @@ class Raft:
         return SoftState(self.lead, self.role)
 
     def hard_state(self) -> HardState:
-        vote = NO_NODE if self._bug_forget_vote else self.vote
-        return HardState(self.term, vote, self.log.committed)
+        return HardState(self.term, self._persisted_vote(), self.log.committed)
 
     def hard_state_is(self, hard: HardState) -> bool:
         """``hard_state() == hard``, without building one (checked for every group, every cycle)."""
-        vote = NO_NODE if self._bug_forget_vote else self.vote
-        return hard.term == self.term and hard.vote == vote and hard.commit == self.log.committed
+        return (
+            hard.term == self.term
+            and hard.vote == self._persisted_vote()
+            and hard.commit == self.log.committed
+        )
+
+    def _persisted_vote(self) -> int:
+        """The vote the hard state carries (dropped by the planted FORGET_VOTE_PERSIST bug)."""
+        return NO_NODE if self._bug_forget_vote else self.vote
 
     # ------------------------------------------------------------------------------------------
     # Role changes

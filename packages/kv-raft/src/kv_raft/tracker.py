@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kv_raft.progress import Progress
-from kv_raft.quorum import VoteResult, has_quorum, quorum_size, vote_result
+from kv_raft.quorum import VoteResult, has_quorum, quorum_index, vote_result
 from kv_raft.types import ConfChange, ConfChangeType, ConfState
 
 
@@ -76,11 +76,8 @@ class ProgressTracker:
     def committed(self) -> int:
         """The largest index a quorum of voters hold."""
         progress = self.progress
-        indexes = sorted([progress[v].match if v in progress else 0 for v in self.voters])
-        if not indexes:
-            return 0
-        # The quorum_size(n)-th largest: committed_index's rule, without building its map.
-        return indexes[len(indexes) - quorum_size(len(indexes))]
+        # committed_index's rule, without building its map of matches.
+        return quorum_index([progress[v].match if v in progress else 0 for v in self.voters])
 
     def quorum_active(self, self_id: int) -> bool:
         """Has a quorum been heard from since the last call? (CheckQuorum; clears the marks.)"""
